@@ -23,6 +23,7 @@ dequantized once and cached as safetensors under $QADAPTER_CACHE (default ~/.cac
 `pick_device()` is the one place that decides device and dtype.
 """
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -187,14 +188,22 @@ class QAdapter(nn.Module):
         """(…, D) -> (…, V) through the frozen output layer, in float32."""
         return F.linear(x.to(self.out_weight.dtype), self.out_weight).float()
 
-    def forward(self, input_ids, attention_mask, position_ids=None, base_cache=None, head_cache=None):
+    def forward(self, input_ids, attention_mask, position_ids=None, base_cache=None, head_cache=None,
+                last_only=False, with_head=True):
+        """Q_R and log pi1, each (B, T, V), or (B, 1, V) with last_only (decoding needs only the
+        newest state). Caches (transformers DynamicCache) are filled in place when given.
+        with_head=False skips the head and returns q_r = None (the frozen model alone)."""
         if position_ids is None:
             position_ids = positions(attention_mask)
         h, base_cache = self.hidden(input_ids, attention_mask, position_ids, base_cache)  # (B, T, D)
+        q_r = None
+        if with_head:
+            u, head_cache = self.head(h.float(), attention_mask, position_ids, head_cache)  # (B, T, D)
+            q_r = self.project(u[:, -1:] if last_only else u)  # (B, T, V)
+        if last_only:
+            h = h[:, -1:]
         with torch.no_grad():
             logp1 = torch.log_softmax(self.project(h), dim=-1)  # (B, T, V)
-        u, head_cache = self.head(h.float(), attention_mask, position_ids, head_cache)  # (B, T, D)
-        q_r = self.project(u)  # (B, T, V)
         return q_r, logp1, base_cache, head_cache
 
 
@@ -204,3 +213,48 @@ def head_parameter_count(head):
 
 def head_config_dict(head):
     return asdict(head.cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# a trained head on disk: head.safetensors + config.json (base model, head shape, hyperparameters)
+
+HEAD_FILE, CONFIG_FILE = "head.safetensors", "config.json"
+
+
+def save_adapter(directory, head, meta):
+    """Writes the head's weights and a JSON config into `directory` (which the caller makes atomic)."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, directory / HEAD_FILE)
+    with open(directory / CONFIG_FILE, "w") as f:
+        json.dump({**meta, "head": asdict(head.cfg)}, f, indent=2)
+
+
+def load_adapter(directory, device="cpu", dtype=torch.float32, base=None, tokenizer=None,
+                 trust_remote_code=False):
+    """A saved head and its frozen base: returns (QAdapter, tokenizer, config dict).
+    Weights are read with safetensors only: nothing from a checkpoint is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    if (directory / "checkpoint" / CONFIG_FILE).exists():  # a run's output directory
+        directory = directory / "checkpoint"
+    for name in (CONFIG_FILE, HEAD_FILE):
+        if not (directory / name).exists():
+            raise SystemExit(f"error: {directory}: no {name} (not a checkpoint written by train.py)")
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        head_cfg = HeadConfig(**config["head"])
+        base_name = config["base_model"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {directory / CONFIG_FILE}: unreadable checkpoint config ({e})")
+    if base is None:
+        base, tokenizer = load_base(base_name, device, dtype, trust_remote_code)
+    head = QHead(head_cfg).to(device)
+    try:
+        state = load_file(directory / HEAD_FILE, device=str(device))
+        head.load_state_dict(state)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: {directory / HEAD_FILE}: cannot load the head ({str(e).splitlines()[0]})")
+    return QAdapter(base, head.eval()), tokenizer, config

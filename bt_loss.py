@@ -1,0 +1,36 @@
+"""The Bradley–Terry loss of Q-Adapter on preference pairs, with the squared-reward regulariser.
+
+    L = −log σ( R(x, y_w) − R(x, y_l) ) + β · mean_t r2(s_t, a_t)²
+
+R is the return of a response under the reward derived from Q_R (residual_q.py); y_w is the
+chosen response, y_l the rejected one. The second term (the official code's "chi2") keeps the
+per-token rewards small; it averages over every scored token of both responses; β = 0 turns it off.
+
+A batch holds 2B sequences, the B chosen first and then the B rejected in the same order (data.py).
+Metrics carry the names TRL users know: rewards/* are the returns R.
+"""
+import torch
+import torch.nn.functional as F
+
+from residual_q import next_tokens, response_return
+
+
+def bt_loss(r2, labels, beta):
+    """r2: (2B, T-1) per-token derived rewards; labels: (2B, T). Returns (loss, metrics)."""
+    returns = response_return(r2, labels)  # (2B,)
+    chosen, rejected = returns.chunk(2)  # (B,), (B,)
+    margins = chosen - rejected  # (B,)
+    bt = -F.logsigmoid(margins).mean()
+    _, mask = next_tokens(labels)  # (2B, T-1)
+    chi2 = (r2.pow(2) * mask).sum() / mask.sum().clamp(min=1)
+    loss = bt + beta * chi2
+    metrics = {
+        "loss": loss.detach(),
+        "loss/bt": bt.detach(),
+        "loss/chi2": chi2.detach(),
+        "rewards/chosen": chosen.detach().mean(),
+        "rewards/rejected": rejected.detach().mean(),
+        "rewards/margins": margins.detach().mean(),
+        "rewards/accuracies": (margins > 0).float().mean().detach(),
+    }
+    return loss, metrics

@@ -1,0 +1,81 @@
+"""The residual-Q math of Q-Adapter (Li et al., arXiv 2407.03856), as pure functions of tensors.
+
+Token generation is a deterministic MDP: state s_t = prompt + response so far, action a_t = next
+token, s_{t+1} = s_t ⊕ a_t. The head gives Q_R(s, ·) and the frozen model gives log pi1(· | s), both
+(B, T, V) with position t describing state s_t (the tokens up to and including t).
+
+  customised_logits  z(s, a) = (Q_R(s,a) + α0·log pi1(a|s)) / α̃          so  pi~(·|s) = softmax(z)
+  soft_value         V(s)    = α̃ · logsumexp_a z(s, a)
+  next_tokens        the one shift: position t scores token t+1; scored where labels[t+1] ≠ IGNORE
+  derived_reward     r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}),  V = 0 after the last response token
+  response_return    R(x, y) = Σ_t r2(s_t, a_t) over the response tokens only
+  response_logprob   log p(y|x) = Σ_t log p(a_t|s_t) over the response tokens (for the identity below)
+  kl_to_frozen       KL(pi~ ‖ pi1) at every state
+
+With γ = 1 the sum telescopes (the identity tests/test_residual_q.py checks):
+  R(x, y) = α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0)
+so a difference of returns is a DPO-style log-ratio of pi~ against the frozen model. α0 = λ·α1 is
+the weight on the frozen model (the official code's alpha_0); with Q_R = 0 and α0 = α̃, pi~ = pi1.
+"""
+import torch
+
+IGNORE = -100  # label of a token that is not scored (prompt, padding); the same value as data.py
+
+
+def customised_logits(q_r, logp1, alpha0, alpha_tilde):
+    """(B, T, V), (B, T, V) -> (B, T, V): logits of the customised policy pi~."""
+    return (q_r + alpha0 * logp1) / alpha_tilde
+
+
+def soft_value(q_r, logp1, alpha0, alpha_tilde):
+    """(B, T, V) -> (B, T): V(s_t) = α̃ · logsumexp_a (Q_R + α0·log pi1) / α̃."""
+    return alpha_tilde * torch.logsumexp(customised_logits(q_r, logp1, alpha0, alpha_tilde), dim=-1)
+
+
+def next_tokens(labels):
+    """The one place that shifts. labels: (B, T) with IGNORE where not scored.
+
+    Returns (actions, mask), each (B, T-1): column t is the action a_t = token t+1 taken in state
+    s_t (described by position t), and whether it is a response token. The first response token is
+    scored (its state is the last prompt position); prompt and padding are not."""
+    actions = labels[:, 1:]  # (B, T-1)
+    mask = actions != IGNORE  # (B, T-1)
+    return actions.masked_fill(~mask, 0), mask
+
+
+def gather_actions(x, labels):
+    """x: (B, T, V) per-state vectors -> (B, T-1): x(s_t, a_t), zero where not scored."""
+    actions, mask = next_tokens(labels)
+    picked = x[:, :-1].gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return picked * mask
+
+
+def derived_reward(q_r, logp1, labels, alpha0, alpha_tilde, gamma):
+    """r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}) (inverse soft Bellman equation), (B, T-1).
+
+    s_{t+1} is described by position t+1. It is terminal (V = 0) when a_t is the last response
+    token: the end of the sequence, EOS, or a truncated response (the data stops there)."""
+    _, mask = next_tokens(labels)  # (B, T-1)
+    q_sa = gather_actions(q_r, labels)  # (B, T-1)
+    v = soft_value(q_r, logp1, alpha0, alpha_tilde)  # (B, T)
+    next_scored = torch.zeros_like(mask)
+    next_scored[:, :-1] = mask[:, 1:]  # is a_{t+1} a response token, i.e. is s_{t+1} non-terminal?
+    v_next = v[:, 1:] * next_scored  # (B, T-1)
+    return (q_sa - gamma * v_next) * mask
+
+
+def response_return(r2, labels):
+    """R(x, y) = Σ_t r2(s_t, a_t) over the response: (B, T-1) -> (B,)."""
+    _, mask = next_tokens(labels)
+    return (r2 * mask).sum(-1)
+
+
+def response_logprob(logits, labels):
+    """log p(y | x) = Σ_t log softmax(logits)(a_t | s_t) over the response: (B, T, V) -> (B,)."""
+    return gather_actions(torch.log_softmax(logits, dim=-1), labels).sum(-1)
+
+
+def kl_to_frozen(q_r, logp1, alpha0, alpha_tilde):
+    """KL(pi~(·|s) ‖ pi1(·|s)) = Σ_a pi~ (log pi~ − log pi1) at every state: (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(customised_logits(q_r, logp1, alpha0, alpha_tilde), dim=-1)
+    return (logp.exp() * (logp - logp1)).sum(-1)

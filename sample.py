@@ -1,0 +1,176 @@
+"""Decoding from the customised policy pi~(a|s) = softmax((Q_R(s,a) + α0·log pi1(a|s)) / α̃).
+
+Each step runs the frozen model and the head on the newest token only: both keep a KV cache, so
+the prefix is never re-run. The prompts of a batch are left-padded and decoded together; a
+sequence stops at its end-of-turn token. `--compare` decodes the same prompts with the frozen model
+alone (same loop, same seed) and prints the two answers side by side.
+
+    python sample.py --checkpoint runs/demo --prompt "Why is the sky blue?" --compare
+    python sample.py --checkpoint runs/demo --prompts-file prompts.txt --temperature 0.7 --top-p 0.9
+"""
+import argparse
+import json
+import textwrap
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+import model as M
+from residual_q import customised_logits
+
+
+def pick_next(logits, temperature, top_k, top_p, generator):
+    """logits: (B, V) -> next tokens (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def stop_ids(tokenizer, base):
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(base.generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max_new_tokens=128,
+             temperature=0.0, top_k=0, top_p=1.0, seed=0, frozen_only=False):
+    """conversations: list of message lists. Returns a list of (answer text, finished at EOS).
+
+    frozen_only decodes pi1 alone (the head is not run). In decoding, log pi1 may be replaced by the
+    frozen logits: its normaliser is one constant per state and cancels in the softmax."""
+    device = adapter.out_weight.device
+    tokenizer.padding_side = "left"
+    enc = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
+                                        return_tensors="pt", return_dict=True)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T)
+    B = ids.shape[0]
+    stops = torch.tensor(stop_ids(tokenizer, adapter.base), device=device)
+    base_cache = DynamicCache(config=adapter.base.config)
+    head_cache = None if frozen_only else DynamicCache(config=adapter.head.blocks.config)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step_ids, step_pos = ids, M.positions(mask)
+    for _ in range(max_new_tokens):
+        q_r, logp1, base_cache, head_cache = adapter(step_ids, mask, step_pos, base_cache, head_cache,
+                                                     last_only=True, with_head=not frozen_only)
+        logp1 = logp1[:, -1]  # (B, V)
+        logits = logp1 if frozen_only else customised_logits(q_r[:, -1], logp1, alpha0, alpha_tilde)
+        nxt = pick_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        nxt = nxt.masked_fill(done, tokenizer.pad_token_id)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, stops)
+        if done.all():
+            break
+        step_ids = nxt[:, None]  # (B, 1)
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+    answers = []
+    for row, finished in zip(out.tolist(), done.tolist()):
+        answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+    return answers
+
+
+def generate_batched(adapter, tokenizer, conversations, batch_size, desc="decoding", **kwargs):
+    """`generate` over many prompts, a batch at a time, with a progress bar."""
+    answers = []
+    for i in tqdm(range(0, len(conversations), batch_size), desc=desc, leave=False):
+        answers += generate(adapter, tokenizer, conversations[i:i + batch_size], **kwargs)
+    return answers
+
+
+def read_prompts(args):
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.exists():
+            raise SystemExit(f"error: --prompts-file {path}: no such file")
+        if path.suffix == ".jsonl":  # a preference file: take each pair's prompt
+            import data
+            prompts += [p.prompt for p in data.load_pairs(str(path))]
+        else:
+            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a train.py output directory (or its checkpoint/)")
+    ap.add_argument("--prompt", action="append", default=[], help="a user message; repeatable")
+    ap.add_argument("--prompts-file", help="one prompt per line, or a preference .jsonl (its prompts)")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0: all)")
+    ap.add_argument("--alpha0", type=float, default=None,
+                    help="weight α0 on the frozen model at decode time, a retention knob: larger keeps "
+                         "closer to the frozen model. The head was trained for one value (the default, "
+                         "read from the checkpoint); others are an extrapolation")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: off)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both models in --compare")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    ap.add_argument("--compare", action="store_true", help="also decode with the frozen model, side by side")
+    ap.add_argument("--score-concise", action="store_true",
+                    help="score the answers' adherence to the demo preference (demo/concise.py)")
+    ap.add_argument("--out", help="write prompts and answers to this JSON file")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
+    ap.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
+    args = ap.parse_args()
+
+    device, dtype, why = M.pick_device(args.device)
+    print(why)
+    adapter, tok, config = M.load_adapter(args.checkpoint, device, dtype, trust_remote_code=args.trust_remote_code)
+    alpha0 = config["alpha0"] if args.alpha0 is None else args.alpha0
+    conversations = read_prompts(args)[:args.limit or None]
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed)
+    custom = generate_batched(adapter, tok, conversations, args.batch_size, "customised", alpha0=alpha0,
+                              alpha_tilde=config["alpha_tilde"], **opts)
+    frozen = generate_batched(adapter, tok, conversations, args.batch_size, "frozen", frozen_only=True,
+                              **opts) if args.compare else None
+
+    width = 60
+    for i, conv in enumerate(conversations):
+        print(f"\n### {conv[-1]['content']}")
+        if frozen is None:
+            print(custom[i][0])
+            continue
+        left = textwrap.wrap(frozen[i][0], width) or [""]
+        right = textwrap.wrap(custom[i][0], width) or [""]
+        print(f"{'frozen pi1':<{width}} | customised pi~ (α0={alpha0:g})")
+        for k in range(max(len(left), len(right))):
+            print(f"{left[k] if k < len(left) else '':<{width}} | {right[k] if k < len(right) else ''}")
+    results = {"alpha0": alpha0, "answers": [{"prompt": c, "customised": a[0], "finished": a[1]}
+                                              for c, a in zip(conversations, custom)]}
+    if frozen is not None:
+        for r, a in zip(results["answers"], frozen):
+            r.update(frozen=a[0], frozen_finished=a[1])
+    if args.score_concise:
+        from demo.concise import adherence
+        results["concise/customised"] = adherence(*zip(*custom))
+        print(f"\nconcise adherence, customised: {results['concise/customised']}")
+        if frozen is not None:
+            results["concise/frozen"] = adherence(*zip(*frozen))
+            print(f"concise adherence, frozen:     {results['concise/frozen']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

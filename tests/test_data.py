@@ -1,0 +1,335 @@
+"""data.py: reading files, turning rows into pairs, splitting by prompt, tokenizing, batching."""
+import copy
+import json
+from pathlib import Path
+
+import pyarrow
+import pyarrow.parquet
+import pytest
+import torch
+
+import data
+import model
+from data import IGNORE, DataError, Pair
+
+REAL_DSP = Path(__file__).parents[1] / "../shared/data/dsp/dsp_academy_pairs.jsonl"
+EOS = 2  # <|im_end|> in SmolLM2
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return model.load_tokenizer()
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+IMPLICIT = {"chosen": [user("Hi?"), assistant("Hello!")], "rejected": [user("Hi?"), assistant("Go away.")]}
+
+
+# ------------------------------------------------------------------------------------------------
+# formats
+
+
+def test_implicit_prompt():
+    row = {"chosen": [user("Hi?"), assistant("Hello!"), user("How are you?"), assistant("Well.")],
+           "rejected": [user("Hi?"), assistant("Hello!"), user("How are you?"), assistant("Bad.")]}
+    prompt, chosen, rejected = data.to_pair(row)
+    assert prompt == [user("Hi?"), assistant("Hello!"), user("How are you?")]
+    assert (chosen, rejected) == ("Well.", "Bad.")
+
+
+def test_explicit_prompt_strings():
+    prompt, chosen, rejected = data.to_pair({"prompt": "Hi?", "chosen": " Hello!\n", "rejected": "Go away."})
+    assert prompt == [user("Hi?")]
+    assert (chosen, rejected) == ("Hello!", "Go away.")  # responses are stripped
+
+
+def test_explicit_prompt_message_lists():
+    row = {"prompt": [{"role": "system", "content": "Be kind."}, user("Hi?")],
+           "chosen": [assistant("Hello!")], "rejected": [assistant("Go away.")], "score": 3}
+    prompt, chosen, rejected = data.to_pair(row)
+    assert prompt == [{"role": "system", "content": "Be kind."}, user("Hi?")]
+    assert (chosen, rejected) == ("Hello!", "Go away.")
+
+
+def test_extra_message_keys_are_dropped():
+    row = {"chosen": [dict(user("Hi?"), name=None), assistant("Hello!")],
+           "rejected": [dict(user("Hi?"), name=None), assistant("Go away.")]}
+    assert data.to_pair(row)[0] == [user("Hi?")]
+
+
+def test_jsonl_json_parquet_give_the_same_pairs(tmp_path, capsys):
+    rows = [IMPLICIT, {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}]
+    jsonl = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"train": rows}))
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([IMPLICIT, IMPLICIT]), tmp_path / "pairs.parquet")
+
+    assert [w for w, _ in data.read_rows(jsonl)] == ["pairs.jsonl:1", "pairs.jsonl:2"]
+    assert [w for w, _ in data.read_rows(str(tmp_path / "pairs.json"))] == ["pairs.json:[0]", "pairs.json:[1]"]
+    assert [w for w, _ in data.read_rows(str(tmp_path / "pairs.parquet"))] == ["pairs.parquet:row 0", "pairs.parquet:row 1"]
+    expected = [(p.prompt, p.chosen, p.rejected) for p in data.load_pairs(jsonl)]
+    for name in ("pairs.json", "wrapped.json"):
+        assert [(p.prompt, p.chosen, p.rejected) for p in data.load_pairs(str(tmp_path / name))] == expected
+    parquet_pairs = data.load_pairs(str(tmp_path / "pairs.parquet"))
+    assert [(p.prompt, p.chosen, p.rejected) for p in parquet_pairs] == [expected[0], expected[0]]
+    assert "pairs.jsonl: 2 rows, 2 pairs kept\n" in capsys.readouterr().out
+
+
+def test_blank_lines_are_ignored(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n" + json.dumps(IMPLICIT) + "\n\n" + json.dumps(IMPLICIT) + "\n")
+    assert [w for w, _ in data.read_rows(str(path))] == ["pairs.jsonl:2", "pairs.jsonl:4"]
+
+
+# ------------------------------------------------------------------------------------------------
+# skip reasons
+
+
+SKIPPED = {
+    "missing field": {"chosen": [user("Hi?"), assistant("Hello!")]},
+    "wrong type": {"chosen": "Hello!", "rejected": "Go away."},  # no prompt: must be message lists
+    "empty response": {"prompt": "Hi?", "chosen": "  ", "rejected": "Go away."},
+    "chosen == rejected": {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Hello! "},
+    "prompts differ": {"chosen": [user("Hi?"), assistant("Hello!")], "rejected": [user("Yo?"), assistant("No.")]},
+    "bad roles": {"chosen": [user("Hi?"), user("Hi?"), assistant("Hello!")],
+                  "rejected": [user("Hi?"), user("Hi?"), assistant("No.")]},
+    "empty message": {"prompt": "", "chosen": "Hello!", "rejected": "Go away."},
+}
+
+
+@pytest.mark.parametrize("reason", SKIPPED)
+def test_skip_reason(reason):
+    with pytest.raises(data.Skip) as skip:
+        data.to_pair(SKIPPED[reason])
+    assert skip.value.reason == reason
+
+
+@pytest.mark.parametrize("row", [
+    {"chosen": [user("Hi?"), assistant("A")], "rejected": [user("Hi?"), user("B")]},         # last not assistant
+    {"chosen": [assistant("A"), assistant("B")], "rejected": [assistant("A"), assistant("C")]},  # prompt not user
+    {"prompt": [{"role": "robot", "content": "Hi?"}], "chosen": "A", "rejected": "B"},        # unknown role
+    {"prompt": [user("Hi?"), {"role": "system", "content": "x"}, user("Hi?")], "chosen": "A", "rejected": "B"},
+])
+def test_bad_roles(row):
+    with pytest.raises(data.Skip, match="bad roles"):
+        data.to_pair(row)
+
+
+def test_skips_are_counted_in_the_summary(tmp_path, capsys):
+    rows = [IMPLICIT] + list(SKIPPED.values()) + [SKIPPED["chosen == rejected"]]
+    pairs = data.load_pairs(write_jsonl(tmp_path / "mixed.jsonl", rows))
+    assert len(pairs) == 1 and pairs[0].where == "mixed.jsonl:1"
+    assert capsys.readouterr().out == (
+        "mixed.jsonl: 9 rows, 1 pairs kept, skipped: chosen == rejected 2, missing field 1, wrong type 1, "
+        "empty response 1, prompts differ 1, bad roles 1, empty message 1\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# bad files
+
+
+def error_of(source):
+    with pytest.raises(DataError) as error:
+        data.load_pairs(source)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file(tmp_path):
+    assert error_of(str(tmp_path / "nope.jsonl")) == f"{tmp_path / 'nope.jsonl'}: no such file"
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert error_of(str(tmp_path / "empty.jsonl")) == "empty.jsonl: empty file"
+    (tmp_path / "empty.json").write_text("[]")
+    assert error_of(str(tmp_path / "empty.json")) == "empty.json: no rows"
+
+
+def test_invalid_json_line_is_named(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(IMPLICIT) + "\n" + json.dumps(IMPLICIT) + "\n{'chosen': oops}\n")
+    assert error_of(str(path)).startswith("broken.jsonl:3: invalid JSON")
+    path.write_text(json.dumps(IMPLICIT) + "\n[1, 2]\n")
+    assert error_of(str(path)) == "broken.jsonl:2: expected a JSON object, got list"
+
+
+def test_not_utf8(tmp_path):
+    (tmp_path / "latin.jsonl").write_bytes(json.dumps(IMPLICIT).encode() + b'\n{"chosen": "caf\xe9"}\n')
+    assert error_of(str(tmp_path / "latin.jsonl")) == "latin.jsonl:2: not UTF-8 (byte 0xe9)"
+    (tmp_path / "latin.json").write_bytes(b'[\n{"chosen": "caf\xe9"}]')
+    assert error_of(str(tmp_path / "latin.json")) == "latin.json:2: not UTF-8 (byte 0xe9)"
+
+
+@pytest.mark.parametrize("content", ['{"rows": []}', '"text"', '[1, 2]'])
+def test_json_of_wrong_shape(tmp_path, content):
+    (tmp_path / "shape.json").write_text(content)
+    assert error_of(str(tmp_path / "shape.json")).startswith("shape.json: expected a list of objects")
+
+
+def test_unknown_suffix_and_bad_parquet(tmp_path):
+    (tmp_path / "pairs.txt").write_text("hello")
+    assert "unknown file type" in error_of(str(tmp_path / "pairs.txt"))
+    (tmp_path / "bad.parquet").write_text("not parquet at all")
+    assert error_of(str(tmp_path / "bad.parquet")).startswith("bad.parquet: cannot read as parquet (")
+
+
+def test_no_expected_keys(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Hi?", "answer": "Hello!"}] * 2)
+    assert error_of(path) == "qa.jsonl: no 'chosen'/'rejected' fields (first row at qa.jsonl:1 has keys ['answer', 'question'])"
+
+
+def test_no_usable_pair(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "same.jsonl", [SKIPPED["chosen == rejected"]] * 3)
+    assert error_of(path) == "same.jsonl: no usable preference pair (first skipped: same.jsonl:1: chosen == rejected)"
+    assert capsys.readouterr().out == "same.jsonl: 3 rows, 0 pairs kept, skipped: chosen == rejected 3\n"
+
+
+def test_hub_name_that_cannot_be_loaded(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    message = error_of("no-such-user/no-such-preference-data")
+    assert message.startswith("no-such-user/no-such-preference-data: cannot load data set split 'train' (")
+
+
+# ------------------------------------------------------------------------------------------------
+# split by prompt
+
+
+def make_pairs(n_prompts, per_prompt):
+    return [Pair([user(f"question {q}")], f"good {k}", f"bad {k}", f"x:{q}.{k}")
+            for q in range(n_prompts) for k in range(per_prompt)]
+
+
+def test_split_by_prompt():
+    pairs = make_pairs(20, 4)
+    train, test = data.split_by_prompt(pairs, 0.25, seed=0)
+    train_prompts = {p.prompt[0]["content"] for p in train}
+    test_prompts = {p.prompt[0]["content"] for p in test}
+    assert not train_prompts & test_prompts
+    assert len(test_prompts) == 5 and len(test) == 20
+    assert sorted(train + test, key=lambda p: p.where) == sorted(pairs, key=lambda p: p.where)
+    assert data.split_by_prompt(pairs, 0.25, seed=0) == (train, test)
+    assert data.split_by_prompt(pairs, 0.25, seed=1) != (train, test)
+
+
+def test_split_keeps_a_prompt_on_each_side():
+    train, test = data.split_by_prompt(make_pairs(2, 3), 0.01, seed=0)
+    assert len(train) == 3 and len(test) == 3
+    train, test = data.split_by_prompt(make_pairs(2, 3), 0.99, seed=0)
+    assert len(train) == 3 and len(test) == 3
+    assert data.split_by_prompt(make_pairs(5, 2), 0.0, seed=0) == (make_pairs(5, 2), [])
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizing
+
+
+PAIR = Pair([user("What is the capital of France?")], "Paris is the capital of France.", "I don't know.", "t:1")
+
+
+def prompt_ids_of(tok, prompt):
+    return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+def test_tokenize_pair_masks_the_prompt(tok):
+    example = data.tokenize_pair(tok, PAIR, cutoff=512)
+    prompt_ids = prompt_ids_of(tok, PAIR.prompt)
+    n = len(prompt_ids)
+    for side, text in (("chosen", PAIR.chosen), ("rejected", PAIR.rejected)):
+        ids, labels = example[f"{side}_ids"], example[f"{side}_labels"]
+        assert len(ids) == len(labels)
+        assert ids[:n] == prompt_ids
+        assert labels[:n] == [IGNORE] * n
+        assert IGNORE not in labels[n:] and labels[n:] == ids[n:]  # the first response token is labelled
+        assert ids[-1] == EOS and ids.count(EOS) == prompt_ids.count(EOS) + 1  # nothing after EOS
+        assert tok.decode(ids[n:]) == text + "<|im_end|>"
+
+
+def test_truncation_keeps_end_of_prompt_and_start_of_response(tok):
+    long_pair = Pair([user("word " * 100 + "LAST QUESTION?")], "yes " * 100, "no", "t:2")
+    prompt_ids = prompt_ids_of(tok, long_pair.prompt)
+    example = data.tokenize_pair(tok, long_pair, cutoff=64)
+    ids, labels = example["chosen_ids"], example["chosen_labels"]
+    assert len(ids) == 64 and labels.count(IGNORE) == 32
+    assert ids[:32] == prompt_ids[-32:]
+    assert ids[32:] == data.tokenize_pair(tok, long_pair, cutoff=4096)["chosen_ids"][len(prompt_ids):][:32]
+    assert len(example["rejected_ids"]) < 64 and example["rejected_ids"][-1] == EOS
+    short = data.tokenize_pair(tok, long_pair, cutoff=64, max_prompt=10)
+    assert short["chosen_ids"][:10] == prompt_ids[-10:] and len(short["chosen_ids"]) == 64
+
+
+def test_prompt_filling_the_cutoff_gives_none(tok):
+    assert data.tokenize_pair(tok, PAIR, cutoff=16, max_prompt=16) is None
+    assert data.tokenize_pair(tok, PAIR, cutoff=16, max_prompt=15) is not None
+
+
+def test_template_that_breaks_the_prefix(tok):
+    broken = copy.copy(tok)
+    broken.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                            "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    with pytest.raises(DataError, match=r"does not keep the prompt as a prefix of the conversation \(t:1\)"):
+        data.tokenize_pair(broken, PAIR, cutoff=512)
+
+
+# ------------------------------------------------------------------------------------------------
+# batching
+
+
+def test_collate(tok):
+    pairs = [PAIR, Pair([user("Hi")], "Hello there, how can I help you today?", "Hm.", "t:3")]
+    examples = [data.tokenize_pair(tok, pair, cutoff=512) for pair in pairs]
+    batch = data.collate(examples, pad_id=tok.pad_token_id)
+    order = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    T = max(len(ids) for ids in order)
+    for name in ("input_ids", "attention_mask", "labels"):
+        assert batch[name].shape == (4, T) and batch[name].dtype == torch.long
+    for i, ids in enumerate(order):
+        n = len(ids)
+        assert batch["input_ids"][i, :n].tolist() == ids
+        assert batch["input_ids"][i, n:].eq(tok.pad_token_id).all()
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (T - n)
+        assert batch["labels"][i, n:].eq(IGNORE).all()
+    assert batch["labels"][0, :len(order[0])].tolist() == examples[0]["chosen_labels"]
+    assert batch["labels"][3, :len(order[3])].tolist() == examples[1]["rejected_labels"]
+
+
+def test_pair_dataset_drops_long_prompts(tok, capsys):
+    long_pair = Pair([user("word " * 200)], "yes", "no", "t:4")
+    dataset = data.PairDataset(tok, [PAIR, long_pair], cutoff=128, max_prompt=128)
+    assert len(dataset) == 1 and dataset[0] == data.tokenize_pair(tok, PAIR, 128, 128)
+    assert "1 of 2 pairs dropped: prompt too long" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"no pair fits .* \(first: t:4\)"):
+        data.PairDataset(tok, [long_pair], cutoff=128, max_prompt=128)
+
+
+# ------------------------------------------------------------------------------------------------
+# real data
+
+
+def test_real_dsp_file(tok, capsys):
+    if not REAL_DSP.exists():
+        pytest.skip("../shared/data not present")
+    pairs = data.load_pairs(str(REAL_DSP))
+    assert len(pairs) == 2599
+    assert capsys.readouterr().out == (
+        "dsp_academy_pairs.jsonl: 2644 rows, 2599 pairs kept, skipped: chosen == rejected 44, empty response 1\n")
+    train, test = data.split_by_prompt(pairs, 0.1, seed=0)
+    assert len(train) + len(test) == 2599
+    assert not {p.prompt[0]["content"] for p in train} & {p.prompt[0]["content"] for p in test}
+    dataset = data.PairDataset(tok, pairs[:200], cutoff=512)  # the template keeps the prefix on real text
+    assert all(e["chosen_ids"][:e["chosen_labels"].count(IGNORE)] == e["rejected_ids"][:e["rejected_labels"].count(IGNORE)]
+               for e in dataset.examples)

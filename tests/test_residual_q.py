@@ -1,0 +1,106 @@
+"""The residual-Q math on hand-made tensors: the telescoping identity, alignment, zero head."""
+import pytest
+import torch
+
+import residual_q as rq
+from bt_loss import bt_loss
+
+IGNORE = rq.IGNORE
+
+
+def random_batch(B=5, T=12, V=17, seed=0):
+    """Random Q_R, log pi1 and labels with random prompt lengths, response lengths and right padding."""
+    g = torch.Generator().manual_seed(seed)
+    q_r = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    logp1 = torch.log_softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3, -1)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    labels = torch.full((B, T), IGNORE)
+    for b in range(B):
+        prompt = int(torch.randint(1, T // 2, (1,), generator=g))
+        length = int(torch.randint(1, T - prompt + 1, (1,), generator=g))
+        labels[b, prompt:prompt + length] = tokens[b, prompt:prompt + length]
+    return q_r, logp1, labels
+
+
+def first_response_state(labels):
+    """Index of s_0, the last prompt position: (B,)."""
+    return (labels != IGNORE).int().argmax(-1) - 1
+
+
+@pytest.mark.parametrize("alpha0,alpha_tilde", [(1.0, 1.0), (0.01, 1.0), (0.5, 2.0), (3.0, 0.7)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_return_telescopes_to_log_ratio_plus_initial_value(alpha0, alpha_tilde, seed):
+    q_r, logp1, labels = random_batch(seed=seed)
+    r2 = rq.derived_reward(q_r, logp1, labels, alpha0, alpha_tilde, gamma=1.0)
+    R = rq.response_return(r2, labels)
+    log_pi = rq.response_logprob(rq.customised_logits(q_r, logp1, alpha0, alpha_tilde), labels)
+    log_pi1 = rq.response_logprob(logp1, labels)
+    v = rq.soft_value(q_r, logp1, alpha0, alpha_tilde)
+    v0 = v.gather(1, first_response_state(labels)[:, None]).squeeze(1)
+    torch.testing.assert_close(R, alpha_tilde * log_pi - alpha0 * log_pi1 + v0, rtol=1e-10, atol=1e-10)
+
+
+def test_alignment_on_a_hand_built_batch():
+    # row 0: prompt [5, 6], response [7, 8, EOS=2], then padding; row 1: prompt [5], response [9, 2]
+    # and two tokens after EOS that the data contract labels IGNORE (nothing after EOS is scored).
+    labels = torch.tensor([[IGNORE, IGNORE, 7, 8, 2, IGNORE, IGNORE],
+                           [IGNORE, 9, 2, IGNORE, IGNORE, IGNORE, IGNORE]])
+    actions, mask = rq.next_tokens(labels)
+    # column t is the action taken in state t: the first response token (7) is scored from the
+    # last prompt position (t = 1), not from its own position.
+    assert mask.tolist() == [[False, True, True, True, False, False],
+                             [True, True, False, False, False, False]]
+    assert actions[0, 1:4].tolist() == [7, 8, 2] and actions[1, :2].tolist() == [9, 2]
+
+    # Q_R(s_t, a) = 100·t + a and a flat soft value make every reward readable by hand.
+    V = 10
+    q_r = (100.0 * torch.arange(7)[:, None] + torch.arange(V)[None, :]).expand(2, 7, V).clone()
+    logp1 = torch.zeros(2, 7, V)
+    r2 = rq.derived_reward(q_r, logp1, labels, alpha0=0.0, alpha_tilde=1.0, gamma=0.5)
+    v = rq.soft_value(q_r, logp1, 0.0, 1.0)  # (2, 7)
+    expected0 = [0, 107 - 0.5 * v[0, 2], 208 - 0.5 * v[0, 3], 302 - 0.0, 0, 0]  # V = 0 after EOS
+    expected1 = [9 - 0.5 * v[1, 1], 102 - 0.0, 0, 0, 0, 0]
+    torch.testing.assert_close(r2, torch.tensor([expected0, expected1]))
+
+
+def test_zero_head_with_alpha0_equal_alpha_tilde_is_the_frozen_policy():
+    _, logp1, _ = random_batch()
+    for a in (0.3, 1.0, 2.5):
+        logits = rq.customised_logits(torch.zeros_like(logp1), logp1, a, a)
+        torch.testing.assert_close(torch.log_softmax(logits, -1), logp1, rtol=0, atol=1e-12)
+        kl = rq.kl_to_frozen(torch.zeros_like(logp1), logp1, a, a)
+        assert kl.abs().max() < 1e-12
+
+
+def test_kl_is_positive_for_a_nonzero_head():
+    q_r, logp1, _ = random_batch()
+    assert (rq.kl_to_frozen(q_r, logp1, 1.0, 1.0) > 0).all()
+
+
+def test_bt_loss_by_hand():
+    # 2 pairs; rewards chosen first. Pair 0: returns 3 vs 1; pair 1: returns 0 vs 2.
+    labels = torch.tensor([[IGNORE, 1, 1], [IGNORE, 1, IGNORE], [IGNORE, 1, IGNORE], [IGNORE, 1, 1]])
+    r2 = torch.tensor([[1.0, 2.0], [0.0, 99.0], [1.0, 99.0], [1.0, 1.0]])  # 99s are not scored
+    loss, m = bt_loss(r2, labels, beta=0.0)
+    margins = torch.tensor([2.0, -2.0])
+    torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(margins).mean())
+    assert m["rewards/accuracies"] == 0.5 and m["rewards/margins"] == 0.0
+    assert m["rewards/chosen"] == 1.5 and m["rewards/rejected"] == 1.5
+    loss_b, m_b = bt_loss(r2, labels, beta=0.1)
+    chi2 = (1 + 4 + 0 + 1 + 1 + 1) / 6
+    torch.testing.assert_close(loss_b, loss + 0.1 * chi2)
+    torch.testing.assert_close(m_b["loss/chi2"], torch.tensor(chi2))
+
+
+def test_one_step_raises_the_margin():
+    q_r, logp1, labels = random_batch(B=2, seed=3)
+    q_r.requires_grad_(True)
+    def margin():
+        r2 = rq.derived_reward(q_r, logp1, labels, 0.5, 1.0, 1.0)
+        return bt_loss(r2, labels, beta=0.1)
+    loss, before = margin()
+    loss.backward()
+    with torch.no_grad():
+        q_r -= 0.1 * q_r.grad
+    _, after = margin()
+    assert after["rewards/margins"] > before["rewards/margins"]

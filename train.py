@@ -1,0 +1,295 @@
+"""Train a Q-head: customise a frozen LLM to a new preference (Q-Adapter, arXiv 2407.03856).
+
+Per batch of preference pairs: the frozen model gives log pi1 and its hidden states (no gradients),
+the head gives Q_R (model.py); the derived per-token reward r2 and the returns R come from
+residual_q.py; the Bradley–Terry loss from bt_loss.py. Only the head is trained.
+
+    python train.py                                   # the embedded demo: SmolLM2-135M, concise answers, CPU
+    python train.py --base-model meta-llama/Llama-3.1-8B-Instruct \\
+        --data ../shared/data/dsp/dsp_academy_pairs.jsonl --cutoff 512 \\
+        --batch-size 8 --grad-accum 8 --head-width 1024 --out-dir runs/dsp-academy   # one GPU, bf16
+    python train.py --out-dir runs/demo --resume      # continue from runs/demo/checkpoint
+
+Writes to --out-dir: metrics.jsonl (one JSON record per step and per evaluation), summary.json, and
+checkpoint/ (head.safetensors, config.json, trainer_state.pt), replaced atomically at each save.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import model as M
+from bt_loss import bt_loss
+from residual_q import derived_reward, kl_to_frozen, next_tokens, response_logprob
+from sample import generate
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument_group("model")
+    a.add_argument("--base-model", default=M.EMBEDDED,
+                   help=f"frozen model pi1: a Hugging Face hub name or local path ({M.EMBEDDED}: the embedded default)")
+    a.add_argument("--head-width", type=int, default=256, help="width of the Q-head's transformer")
+    a.add_argument("--head-layers", type=int, default=2, help="layers of the Q-head's transformer")
+    a.add_argument("--head-heads", type=int, default=4, help="attention heads of the Q-head")
+    a.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
+    a = ap.add_argument_group("residual Q-learning")
+    a.add_argument("--alpha0", type=float, default=1.0,
+                   help="α0 = λ·α1, weight of the frozen model's log pi1 in the customised policy; with a "
+                        "zero head and α0 = α̃ the customised policy is the frozen one (the official code uses 0.01 "
+                        "with a head initialised to the base logits)")
+    a.add_argument("--alpha-tilde", type=float, default=1.0, help="α̃, temperature of the customised policy")
+    a.add_argument("--gamma", type=float, default=1.0, help="γ, discount in r2 = Q_R − γ·V(s')")
+    a.add_argument("--beta", type=float, default=0.1, help="β, weight of the mean r2² regulariser (0: off)")
+    a = ap.add_argument_group("data")
+    a.add_argument("--data", default=str(HERE / "demo" / "concise_train.jsonl"),
+                   help="preference pairs: .jsonl/.json/.parquet file or a hub data set name")
+    a.add_argument("--test-data", default=str(HERE / "demo" / "concise_test.jsonl"),
+                   help="held-out pairs; '' splits --data by prompt instead")
+    a.add_argument("--split", default="train", help="split of a hub data set")
+    a.add_argument("--test-fraction", type=float, default=0.2, help="share of prompts held out when splitting")
+    a.add_argument("--cutoff", type=int, default=256, help="tokens per sequence at most (prompt + response)")
+    a.add_argument("--max-prompt", type=int, default=None, help="prompt tokens kept at most, its end (default cutoff/2)")
+    a = ap.add_argument_group("optimisation")
+    a.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW), linear warm-up then cosine")
+    a.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
+    a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a.add_argument("--epochs", type=int, default=2, help="passes over the training pairs")
+    a.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    a.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimiser step")
+    a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    a.add_argument("--seed", type=int, default=0, help="seed of the head's init, the split and the data order")
+    a = ap.add_argument_group("run")
+    a.add_argument("--out-dir", default="runs/demo", help="metrics, summary and checkpoint go here")
+    a.add_argument("--eval-every", type=int, default=0, help="evaluate and save every N steps (0: each epoch)")
+    a.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test pairs (0: all)")
+    a.add_argument("--samples", type=int, default=3, help="test prompts shown before/after training")
+    a.add_argument("--max-new-tokens", type=int, default=96, help="tokens per shown sample at most")
+    a.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint")
+    a.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
+    a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the frozen model (auto: bf16 on a GPU, float32 on a CPU)")
+    return ap.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# one batch through the model and the loss
+
+
+def batch_loss(adapter, batch, args, device):
+    """batch: data.collate output (2B sequences, chosen first). Returns (loss, metrics, q_r, logp1)."""
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    q_r, logp1, _, _ = adapter(ids, mask)  # (2B, T, V) each
+    r2 = derived_reward(q_r, logp1, labels, args.alpha0, args.alpha_tilde, args.gamma)  # (2B, T-1)
+    loss, metrics = bt_loss(r2, labels, args.beta)
+    return loss, metrics, q_r, logp1, labels
+
+
+@torch.no_grad()
+def evaluate(adapter, loader, args, device):
+    """Held-out BT metrics, per-token KL(pi~‖pi1) on the responses, and two reference accuracies:
+    the frozen model's own log-prob margin, and "the longer answer wins"."""
+    adapter.head.eval()
+    sums, n_pairs, kl_sum, kl_tokens = {}, 0, 0.0, 0
+    for batch in tqdm(loader, desc="evaluating", leave=False):
+        _, metrics, q_r, logp1, labels = batch_loss(adapter, batch, args, device)
+        B = labels.shape[0] // 2
+        _, mask = next_tokens(labels)  # (2B, T-1)
+        kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1]  # (2B, T-1), states s_t
+        kl_sum += float((kl * mask).sum())
+        kl_tokens += int(mask.sum())
+        frozen_chosen, frozen_rejected = response_logprob(logp1, labels).chunk(2)
+        len_chosen, len_rejected = mask.sum(-1).chunk(2)
+        metrics["frozen_logp_accuracy"] = (frozen_chosen > frozen_rejected).float().mean()
+        metrics["longer_wins_accuracy"] = ((len_chosen > len_rejected).float()
+                                           + 0.5 * (len_chosen == len_rejected).float()).mean()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * B
+        n_pairs += B
+    adapter.head.train()
+    out = {f"eval/{k}": v / n_pairs for k, v in sums.items()}
+    out["eval/kl"] = kl_sum / max(kl_tokens, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints: written to a temporary folder, then swapped in, so a crash never leaves half of one
+
+
+def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args):
+    final, tmp, old = out_dir / "checkpoint", out_dir / ".checkpoint-tmp", out_dir / ".checkpoint-old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"base_model": args.base_model, **{k: getattr(args, k) for k in
+            ("alpha0", "alpha_tilde", "gamma", "beta", "cutoff", "max_prompt", "lr", "epochs",
+             "batch_size", "grad_accum", "seed", "data", "test_data")}, **progress}
+    M.save_adapter(tmp, adapter.head, meta)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), **progress}, tmp / "trainer_state.pt")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_trainer_state(out_dir, adapter, optimizer, scheduler):
+    ckpt = out_dir / "checkpoint"
+    if not ckpt.exists() and (out_dir / ".checkpoint-old").exists():  # crashed in the middle of a swap
+        os.replace(out_dir / ".checkpoint-old", ckpt)
+    if not (ckpt / "trainer_state.pt").exists():
+        raise SystemExit(f"error: --resume: no checkpoint in {ckpt}")
+    M.load_adapter(ckpt, base=adapter.base)  # validates the files; the weights are loaded below
+    from safetensors.torch import load_file
+    adapter.head.load_state_dict(load_file(ckpt / M.HEAD_FILE, device=str(adapter.out_weight.device)))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return {k: state[k] for k in ("step", "epoch", "batch_in_epoch")}
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device, dtype, why = M.pick_device(args.device, args.dtype)
+    print(why)
+
+    # data: read and tokenise before loading the model, so a bad file fails fast
+    tok = M.load_tokenizer(args.base_model, args.trust_remote_code)
+    try:
+        train_pairs = data.load_pairs(args.data, args.split)
+        if args.test_data:
+            test_pairs = data.load_pairs(args.test_data, args.split)
+        else:
+            train_pairs, test_pairs = data.split_by_prompt(train_pairs, args.test_fraction, args.seed)
+        test_pairs = test_pairs[:args.eval_limit or None]
+        train_set = data.PairDataset(tok, train_pairs, args.cutoff, args.max_prompt)
+        test_set = data.PairDataset(tok, test_pairs, args.cutoff, args.max_prompt)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{len(train_set)} training pairs, {len(test_set)} test pairs")
+
+    base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code)
+    head = M.QHead(M.head_config_for(base, args.head_width, args.head_layers, args.head_heads)).to(device)
+    adapter = M.QAdapter(base, head)
+    n_head, n_base = M.head_parameter_count(head), sum(p.numel() for p in base.parameters())
+    print(f"head: {n_head / 1e6:.2f}M trainable parameters, {100 * n_head / n_base:.2f}% of the "
+          f"frozen {n_base / 1e6:.0f}M")
+
+    collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, collate_fn=collate)
+    batches_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    total_steps = args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
+    warmup = max(1, int(args.warmup * total_steps))
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    schedule = lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0))))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    metrics_path = out_dir / "metrics.jsonl"
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    if args.resume:
+        progress = load_trainer_state(out_dir, adapter, optimizer, scheduler)
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if json.loads(line)["step"] <= progress["step"]] if metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))  # drop records after the checkpoint
+        print(f"resumed at step {progress['step']} (epoch {progress['epoch']}, batch {progress['batch_in_epoch']})")
+    else:
+        metrics_path.write_text("")
+
+    test_conversations = [p.prompt for p in test_pairs[:args.samples]]
+    sample_opts = dict(alpha0=args.alpha0, alpha_tilde=args.alpha_tilde, max_new_tokens=args.max_new_tokens)
+    before = generate(adapter, tok, test_conversations, frozen_only=True, **sample_opts) if args.samples else []
+
+    def run_eval(step):
+        record = {"step": step, **evaluate(adapter, test_loader, args, device)}
+        append_jsonl(metrics_path, record)
+        tqdm.write(f"step {step}: held-out accuracy {record['eval/rewards/accuracies']:.3f}, "
+                   f"margin {record['eval/rewards/margins']:.3f}, KL {record['eval/kl']:.4f}")
+        return record
+
+    head.train()
+    step = progress["step"]
+    eval_record = None
+    bar = tqdm(total=total_steps, initial=step, desc="training")
+    for epoch in range(progress["epoch"], args.epochs):
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        batches = [order[i:i + args.batch_size].tolist() for i in range(0, len(order), args.batch_size)]
+        start = progress["batch_in_epoch"] if epoch == progress["epoch"] else 0
+        for b in range(start, len(batches), args.grad_accum):
+            t0 = time.time()
+            group = batches[b:b + args.grad_accum]
+            sums = {}
+            for idx in group:
+                loss, metrics, *_ = batch_loss(adapter, collate([train_set[i] for i in idx]), args, device)
+                (loss / len(group)).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / len(group)
+            grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "epoch": epoch, **sums, "grad_norm": float(grad_norm),
+                      "lr": scheduler.get_last_lr()[0], "pairs_per_s": sum(map(len, group)) / (time.time() - t0)}
+            append_jsonl(metrics_path, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", acc=f"{sums['rewards/accuracies']:.2f}")
+            at_end_of_epoch = b + args.grad_accum >= len(batches)
+            progress = {"step": step, "epoch": epoch + at_end_of_epoch,
+                        "batch_in_epoch": 0 if at_end_of_epoch else b + args.grad_accum}
+            if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and at_end_of_epoch):
+                eval_record = run_eval(step)
+                save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args)
+    bar.close()
+    if eval_record is None or eval_record["step"] != step:
+        eval_record = run_eval(step)
+        save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args)
+
+    after = generate(adapter, tok, test_conversations, **sample_opts) if args.samples else []
+    summary = {"wall_time_s": round(time.time() - t_start, 1), "steps": step,
+               "train_pairs": len(train_set), "test_pairs": len(test_set),
+               "head_parameters": n_head, "base_parameters": n_base, **eval_record,
+               "samples": [{"prompt": c[-1]["content"], "frozen": b[0], "customised": a[0]}
+                           for c, b, a in zip(test_conversations, before, after)],
+               "args": vars(args)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+
+    for s in summary["samples"]:
+        print(f"\n### {s['prompt']}\n  frozen:     {s['frozen']}\n  customised: {s['customised']}")
+    print(f"\n{'held-out pairs':<34}{len(test_set)}")
+    for key, label in (("eval/rewards/accuracies", "pairwise accuracy (Q-Adapter R)"),
+                       ("eval/frozen_logp_accuracy", "  frozen log-prob margin"),
+                       ("eval/longer_wins_accuracy", "  the longer answer wins"),
+                       ("eval/rewards/margins", "mean margin R(y_w) − R(y_l)"),
+                       ("eval/kl", "per-token KL(pi~ ‖ pi1)")):
+        print(f"{label:<34}{eval_record[key]:.4f}")
+    print(f"{'wall time':<34}{summary['wall_time_s']:.0f} s")
+    print(f"wrote {out_dir}/checkpoint, {metrics_path.name}, summary.json")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
