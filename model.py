@@ -29,6 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -168,8 +169,21 @@ def positions(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class Output(NamedTuple):
+    q_r: torch.Tensor | None  # (B, W, V) Q_R at the asked states; None without the head
+    logp1: torch.Tensor  # (B, W, V) log pi1 at the asked states
+    hidden: torch.Tensor  # (B, T, D) the frozen hidden states of every position
+    base_cache: object
+    head_cache: object
+
+
+def pick(x, states):
+    """x: (B, T, ...) -> (B, W, ...) at positions states: (B, W)."""
+    return x.gather(1, states.view(*states.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+
 class QAdapter(nn.Module):
-    """The frozen base and the trainable head. `forward` returns Q_R and log pi1, each (B, T, V)."""
+    """The frozen base and the trainable head: Q_R and log pi1 over the vocabulary."""
 
     def __init__(self, base, head: QHead):
         super().__init__()
@@ -188,23 +202,29 @@ class QAdapter(nn.Module):
         """(…, D) -> (…, V) through the frozen output layer, in float32."""
         return F.linear(x.to(self.out_weight.dtype), self.out_weight).float()
 
-    def forward(self, input_ids, attention_mask, position_ids=None, base_cache=None, head_cache=None,
-                last_only=False, with_head=True):
-        """Q_R and log pi1, each (B, T, V), or (B, 1, V) with last_only (decoding needs only the
-        newest state). Caches (transformers DynamicCache) are filled in place when given.
-        with_head=False skips the head and returns q_r = None (the frozen model alone)."""
+    def forward(self, input_ids, attention_mask, states=None, hidden=None, position_ids=None,
+                base_cache=None, head_cache=None, with_head=True):
+        """input_ids, attention_mask: (B, T). Returns an Output.
+
+        states (B, W): the positions whose Q_R and log pi1 are wanted (default: all T). The (B, ·, V)
+        tensors are the costly part, so training asks only for the states that take a response
+        action (residual_q.scored_states) and decoding only for the newest one.
+        hidden (B, T, D): the frozen hidden states when already known (train.py keeps them across
+        epochs), which skips the frozen forward. Caches are transformers DynamicCaches, filled in
+        place. with_head=False runs the frozen model alone (q_r is None)."""
         if position_ids is None:
             position_ids = positions(attention_mask)
-        h, base_cache = self.hidden(input_ids, attention_mask, position_ids, base_cache)  # (B, T, D)
+        if hidden is None:
+            hidden, base_cache = self.hidden(input_ids, attention_mask, position_ids, base_cache)  # (B, T, D)
+        if states is None:
+            states = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         q_r = None
         if with_head:
-            u, head_cache = self.head(h.float(), attention_mask, position_ids, head_cache)  # (B, T, D)
-            q_r = self.project(u[:, -1:] if last_only else u)  # (B, T, V)
-        if last_only:
-            h = h[:, -1:]
+            u, head_cache = self.head(hidden.float(), attention_mask, position_ids, head_cache)  # (B, T, D)
+            q_r = self.project(pick(u, states))  # (B, W, V)
         with torch.no_grad():
-            logp1 = torch.log_softmax(self.project(h), dim=-1)  # (B, T, V)
-        return q_r, logp1, base_cache, head_cache
+            logp1 = torch.log_softmax(self.project(pick(hidden, states)), dim=-1)  # (B, W, V)
+        return Output(q_r, logp1, hidden, base_cache, head_cache)
 
 
 def head_parameter_count(head):

@@ -7,6 +7,7 @@ token, s_{t+1} = s_t ⊕ a_t. The head gives Q_R(s, ·) and the frozen model giv
   customised_logits  z(s, a) = (Q_R(s,a) + α0·log pi1(a|s)) / α̃          so  pi~(·|s) = softmax(z)
   soft_value         V(s)    = α̃ · logsumexp_a z(s, a)
   next_tokens        the one shift: position t scores token t+1; scored where labels[t+1] ≠ IGNORE
+  scored_states      the window of states that take a response action (all the loss needs)
   derived_reward     r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}),  V = 0 after the last response token
   response_return    R(x, y) = Σ_t r2(s_t, a_t) over the response tokens only
   response_logprob   log p(y|x) = Σ_t log p(a_t|s_t) over the response tokens (for the identity below)
@@ -41,6 +42,23 @@ def next_tokens(labels):
     actions = labels[:, 1:]  # (B, T-1)
     mask = actions != IGNORE  # (B, T-1)
     return actions.masked_fill(~mask, 0), mask
+
+
+def scored_states(labels):
+    """Which positions the loss needs: the states that take a response action. Every next state
+    s_{t+1} of a scored state is itself scored or terminal (V = 0), so nothing else is read, and
+    the (B, T, V) tensors can be computed on this window alone (prompt and padding skipped).
+
+    Returns (index, window_labels), each (B, W): window column j is position index[:, j] (the
+    first column is the last prompt position), and window_labels are labels such that every
+    function here gives on the window what it gives on the whole sequence."""
+    _, mask = next_tokens(labels)  # (B, T-1)
+    first = mask.int().argmax(-1)  # (B,) state before the first response token
+    length = mask.sum(-1)  # (B,) response tokens
+    offsets = torch.arange(int(length.max()) + 1, device=labels.device)  # (W,)
+    index = (first[:, None] + offsets).clamp(max=labels.shape[1] - 1)  # (B, W)
+    inside = offsets <= length[:, None]  # (B, W)
+    return index, labels.gather(1, index).masked_fill(~inside, IGNORE)
 
 
 def gather_actions(x, labels):

@@ -65,8 +65,10 @@ def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids, step_pos = ids, M.positions(mask)
     for _ in range(max_new_tokens):
-        q_r, logp1, base_cache, head_cache = adapter(step_ids, mask, step_pos, base_cache, head_cache,
-                                                     last_only=True, with_head=not frozen_only)
+        last = torch.full((B, 1), step_ids.shape[1] - 1, device=device)  # (B, 1) the newest state
+        q_r, logp1, _, base_cache, head_cache = adapter(step_ids, mask, last, position_ids=step_pos,
+                                                        base_cache=base_cache, head_cache=head_cache,
+                                                        with_head=not frozen_only)
         logp1 = logp1[:, -1]  # (B, V)
         logits = logp1 if frozen_only else customised_logits(q_r[:, -1], logp1, alpha0, alpha_tilde)
         nxt = pick_next(logits, temperature, top_k, top_p, generator)  # (B,)

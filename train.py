@@ -28,7 +28,7 @@ from tqdm import tqdm
 import data
 import model as M
 from bt_loss import bt_loss
-from residual_q import derived_reward, kl_to_frozen, next_tokens, response_logprob
+from residual_q import derived_reward, kl_to_frozen, next_tokens, response_logprob, scored_states
 from sample import generate
 
 HERE = Path(__file__).resolve().parent
@@ -68,6 +68,8 @@ def parse_args(argv=None):
     a.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
     a.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimiser step")
     a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    a.add_argument("--cache-gb", type=float, default=4.0,
+                   help="memory for keeping the frozen hidden states across epochs (0: recompute each time)")
     a.add_argument("--seed", type=int, default=0, help="seed of the head's init, the split and the data order")
     a = ap.add_argument_group("run")
     a.add_argument("--out-dir", default="runs/demo", help="metrics, summary and checkpoint go here")
@@ -76,6 +78,8 @@ def parse_args(argv=None):
     a.add_argument("--samples", type=int, default=3, help="test prompts shown before/after training")
     a.add_argument("--max-new-tokens", type=int, default=96, help="tokens per shown sample at most")
     a.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint")
+    a.add_argument("--max-steps", type=int, default=0,
+                   help="stop (with a checkpoint) after this many steps, schedule unchanged; --resume continues")
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the frozen model (auto: bf16 on a GPU, float32 on a CPU)")
@@ -83,29 +87,65 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# the frozen model's hidden states, kept across epochs
+
+
+class HiddenCache:
+    """The frozen hidden states h of each sequence, kept after their first computation (up to a
+    memory budget), so a later epoch or evaluation skips the frozen forward, the costliest part of
+    a step. The frozen model never changes, so the stored h is what a recomputation would give
+    (up to float rounding of a different batch shape)."""
+
+    def __init__(self, budget_gb):
+        self.budget, self.used, self.store = budget_gb * 2**30, 0, {}
+
+    def get(self, keys, mask):
+        """keys: one per row; mask: (N, T). The right-padded hidden states (N, T, D), or None."""
+        if not all(k in self.store for k in keys):
+            return None
+        rows = [self.store[k] for k in keys]
+        hidden = rows[0].new_zeros(len(rows), mask.shape[1], rows[0].shape[-1])  # (N, T, D)
+        for i, h in enumerate(rows):
+            hidden[i, :len(h)] = h
+        return hidden
+
+    def put(self, keys, hidden, mask):
+        for k, h, n in zip(keys, hidden, mask.sum(-1).tolist()):
+            if k not in self.store and self.used + h[:n].nbytes <= self.budget:
+                self.store[k] = h[:n].clone()
+                self.used += self.store[k].nbytes
+
+
+# ------------------------------------------------------------------------------------------------
 # one batch through the model and the loss
 
 
-def batch_loss(adapter, batch, args, device):
-    """batch: data.collate output (2B sequences, chosen first). Returns (loss, metrics, q_r, logp1)."""
+def batch_loss(adapter, batch, keys, cache, args, device):
+    """batch: data.collate output (2B sequences, chosen first); keys name its examples for the cache.
+    Returns (loss, metrics, q_r, logp1, window_labels), the tensors on the scored window only."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    q_r, logp1, _, _ = adapter(ids, mask)  # (2B, T, V) each
-    r2 = derived_reward(q_r, logp1, labels, args.alpha0, args.alpha_tilde, args.gamma)  # (2B, T-1)
-    loss, metrics = bt_loss(r2, labels, args.beta)
-    return loss, metrics, q_r, logp1, labels
+    rows = [(k, "chosen") for k in keys] + [(k, "rejected") for k in keys]
+    states, window_labels = scored_states(labels)  # (2B, W) each
+    q_r, logp1, hidden, _, _ = adapter(ids, mask, states, hidden=cache.get(rows, mask))  # (2B, W, V) each
+    cache.put(rows, hidden, mask)
+    r2 = derived_reward(q_r, logp1, window_labels, args.alpha0, args.alpha_tilde, args.gamma)  # (2B, W-1)
+    loss, metrics = bt_loss(r2, window_labels, args.beta)
+    return loss, metrics, q_r, logp1, window_labels
 
 
 @torch.no_grad()
-def evaluate(adapter, loader, args, device):
+def evaluate(adapter, test_set, cache, args, device, collate):
     """Held-out BT metrics, per-token KL(pi~‖pi1) on the responses, and two reference accuracies:
     the frozen model's own log-prob margin, and "the longer answer wins"."""
     adapter.head.eval()
     sums, n_pairs, kl_sum, kl_tokens = {}, 0, 0.0, 0
-    for batch in tqdm(loader, desc="evaluating", leave=False):
-        _, metrics, q_r, logp1, labels = batch_loss(adapter, batch, args, device)
-        B = labels.shape[0] // 2
-        _, mask = next_tokens(labels)  # (2B, T-1)
-        kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1]  # (2B, T-1), states s_t
+    for start in tqdm(range(0, len(test_set), args.batch_size), desc="evaluating", leave=False):
+        idx = list(range(start, min(start + args.batch_size, len(test_set))))
+        batch = collate([test_set[i] for i in idx])
+        _, metrics, q_r, logp1, labels = batch_loss(adapter, batch, [("test", i) for i in idx], cache, args, device)
+        B = len(idx)
+        _, mask = next_tokens(labels)  # (2B, W-1)
+        kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1]  # (2B, W-1), states s_t
         kl_sum += float((kl * mask).sum())
         kl_tokens += int(mask.sum())
         frozen_chosen, frozen_rejected = response_logprob(logp1, labels).chunk(2)
@@ -199,7 +239,7 @@ def main(argv=None):
           f"frozen {n_base / 1e6:.0f}M")
 
     collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, collate_fn=collate)
+    cache = HiddenCache(args.cache_gb)
     batches_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
     warmup = max(1, int(args.warmup * total_steps))
@@ -224,7 +264,7 @@ def main(argv=None):
     before = generate(adapter, tok, test_conversations, frozen_only=True, **sample_opts) if args.samples else []
 
     def run_eval(step):
-        record = {"step": step, **evaluate(adapter, test_loader, args, device)}
+        record = {"step": step, **evaluate(adapter, test_set, cache, args, device, collate)}
         append_jsonl(metrics_path, record)
         tqdm.write(f"step {step}: held-out accuracy {record['eval/rewards/accuracies']:.3f}, "
                    f"margin {record['eval/rewards/margins']:.3f}, KL {record['eval/kl']:.4f}")
@@ -243,7 +283,8 @@ def main(argv=None):
             group = batches[b:b + args.grad_accum]
             sums = {}
             for idx in group:
-                loss, metrics, *_ = batch_loss(adapter, collate([train_set[i] for i in idx]), args, device)
+                loss, metrics, *_ = batch_loss(adapter, collate([train_set[i] for i in idx]),
+                                               [("train", i) for i in idx], cache, args, device)
                 (loss / len(group)).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / len(group)
@@ -263,6 +304,10 @@ def main(argv=None):
             if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and at_end_of_epoch):
                 eval_record = run_eval(step)
                 save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args)
+            if step == args.max_steps:
+                break
+        if step == args.max_steps:
+            break
     bar.close()
     if eval_record is None or eval_record["step"] != step:
         eval_record = run_eval(step)

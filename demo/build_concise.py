@@ -1,17 +1,21 @@
 """Builds the embedded demo preference: concise answers (demo/concise_{train,test}.jsonl).
 
-For every prompt in demo/prompts.py, the embedded model (SmolLM2-135M-Instruct) answers twice,
-greedily:
-  rejected  its usual answer (the chat template's default system prompt), at most 128 new tokens,
-            cut back to its last complete sentence; kept only with at least 3 sentences;
-  chosen    its answer when the system prompt asks for one or two sentences, trimmed to its first
-            two sentences; kept only if it is a real answer (demo.concise.is_degenerate is False)
-            and at most half as long as the rejected one.
-The pair's prompt is the user's message alone (so the default system prompt): the preference the
-head has to learn is "answer like that without being asked". Prompts are then split by prompt,
-seeded, into train and test. Both files are in the conversational format of ../shared/data.
+For every prompt in demo/prompts.py the embedded model (SmolLM2-135M-Instruct) answers greedily
+with its usual answer (at most 96 new tokens, cut back to its last complete sentence). Then
+  rejected = that usual answer, kept only if demo.concise.judge calls it "long";
+  chosen   = the same answer stopped after its first two sentences (or its first, when two would
+             pass 40 words), kept only if judge calls it "concise", it does not end in ':' (a
+             preamble such as "Here are some tips:"), and it has at most 2/3 of the words.
+So the two answers share their beginning and differ only in where the model stops: the preference
+is "make your point, then stop". (A first version took the chosen answer from a second generation
+with a system prompt asking for brevity; the two answers then differed in wording everywhere, the
+Bradley–Terry loss was satisfied by those differences within a few steps, and the customised
+model's answers did not get shorter.) Prompts are split, seeded, into train and test; each prompt
+gives one pair, so the split is by prompt. Both files use the conversational format of
+../shared/data.
 
-    python demo/build_concise.py            # about 10 minutes on 2 CPU cores
+    python demo/build_concise.py      # about 15 minutes on 2 CPU cores; the generations are cached
+                                      # by prompt in $QADAPTER_CACHE, so a rerun takes seconds
 """
 import argparse
 import json
@@ -25,17 +29,24 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
-from demo.concise import first_sentences, is_degenerate, sentences  # noqa: E402
+from demo.concise import first_sentences, judge  # noqa: E402
 from demo.prompts import all_prompts  # noqa: E402
 
-SHORT_SYSTEM = "You are a helpful AI assistant. Always answer in one or two short sentences."
+MAX_NEW_TOKENS = 96
 _LAST_SENTENCE_END = re.compile(r".*[.!?][\"')\]]*(?=\s|$)", re.S)
 
 
-def generate(base, tok, conversations, max_new_tokens, batch_size):
-    """Greedy answers, batched with left padding: list of (text, finished)."""
-    order = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
-    answers = [None] * len(conversations)
+def words(text):
+    return len(re.findall(r"\w+", text))
+
+
+def generate(base, tok, conversations, max_new_tokens, batch_size, cache, cache_file):
+    """Greedy answers, batched with left padding: list of (text, finished). `cache` maps a
+    conversation (as JSON) to its answer; only the missing ones are generated, and the cache file
+    is rewritten after each batch."""
+    keys = [json.dumps([conv, max_new_tokens]) for conv in conversations]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    order = sorted(todo, key=lambda i: len(str(conversations[i])))
     for start in tqdm(range(0, len(order), batch_size), desc=f"generating ≤{max_new_tokens} tokens"):
         idx = order[start:start + batch_size]
         enc = tok.apply_chat_template([conversations[i] for i in idx], add_generation_prompt=True,
@@ -45,14 +56,32 @@ def generate(base, tok, conversations, max_new_tokens, batch_size):
                                 pad_token_id=tok.pad_token_id)
         for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:]):
             finished = bool((row == tok.eos_token_id).any())
-            answers[i] = (tok.decode(row, skip_special_tokens=True).strip(), finished)
-    return answers
+            cache[keys[i]] = (tok.decode(row, skip_special_tokens=True).strip(), finished)
+        cache_file.write_text(json.dumps(cache))
+    return [tuple(cache[k]) for k in keys]
+
+
+def make_pair(prompt, answer, finished):
+    """(pair, None) or (None, reason it was dropped)."""
+    if not finished:  # cut off by the token budget: keep its complete sentences
+        m = _LAST_SENTENCE_END.match(answer)
+        answer = m.group(0) if m else ""
+    if judge(answer, True) != "long":
+        return None, "usual answer not long"
+    chosen = first_sentences(answer, 2)
+    if words(chosen) > 40:
+        chosen = first_sentences(answer, 1)
+    if judge(chosen, True) != "concise" or chosen.endswith(":") or 3 * words(chosen) > 2 * words(answer):
+        return None, "no concise opening"
+    user = [{"role": "user", "content": prompt}]
+    return {"chosen": user + [{"role": "assistant", "content": chosen}],
+            "rejected": user + [{"role": "assistant", "content": answer}]}, None
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent), help="where the two .jsonl files go")
-    ap.add_argument("--test-prompts", type=int, default=110, help="prompts held out for the test file")
+    ap.add_argument("--test-prompts", type=int, default=120, help="prompts held out for the test file")
     ap.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     ap.add_argument("--batch-size", type=int, default=32, help="prompts generated at once")
     args = ap.parse_args()
@@ -60,25 +89,18 @@ def main():
     base, tok = M.load_base()
     tok.padding_side = "left"
     prompts = all_prompts()
-    long = generate(base, tok, [[{"role": "user", "content": p}] for p in prompts], 128, args.batch_size)
-    short = generate(base, tok, [[{"role": "system", "content": SHORT_SYSTEM}, {"role": "user", "content": p}]
-                                 for p in prompts], 64, args.batch_size)
+    cache_file = M.cache_dir() / "demo_concise_generations.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    answers = generate(base, tok, [[{"role": "user", "content": p}] for p in prompts], MAX_NEW_TOKENS,
+                       args.batch_size, cache, cache_file)
 
-    pairs, dropped = [], {"rejected not long": 0, "chosen not usable": 0}
-    for prompt, (rejected, finished), (chosen, _) in zip(prompts, long, short):
-        if not finished:
-            m = _LAST_SENTENCE_END.match(rejected)
-            rejected = m.group(0) if m else ""
-        chosen = first_sentences(chosen, 2)
-        if len(sentences(rejected)) < 3 or is_degenerate(rejected):
-            dropped["rejected not long"] += 1
-        elif is_degenerate(chosen) or not re.search(r"[.!?][\"')\]]*$", chosen) or 2 * len(chosen) > len(rejected):
-            dropped["chosen not usable"] += 1
+    pairs, dropped = [], {}
+    for prompt, (answer, finished) in zip(prompts, answers):
+        pair, reason = make_pair(prompt, answer, finished)
+        if pair:
+            pairs.append(pair)
         else:
-            user = [{"role": "user", "content": prompt}]
-            pairs.append({"chosen": user + [{"role": "assistant", "content": chosen}],
-                          "rejected": user + [{"role": "assistant", "content": rejected}]})
-
+            dropped[reason] = dropped.get(reason, 0) + 1
     random.Random(args.seed).shuffle(pairs)  # one pair per prompt, so this is a split by prompt
     test, train = pairs[:args.test_prompts], pairs[args.test_prompts:]
     for name, rows in (("concise_train.jsonl", train), ("concise_test.jsonl", test)):

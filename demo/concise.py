@@ -26,8 +26,9 @@ def sentences(text):
 
 
 def first_sentences(text, n):
-    """The first n sentences of text, as written (used to trim the demo's chosen answers)."""
-    return " ".join(sentences(text)[:n])
+    """The start of text up to the end of its n-th sentence, exactly as written (a prefix of text)."""
+    ends = [m.start() for m in _SENTENCE_END.finditer(text.strip())]
+    return text.strip()[:ends[n - 1]] if len(ends) >= n else text.strip()
 
 
 def is_degenerate(text):

