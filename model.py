@@ -226,6 +226,32 @@ class QAdapter(nn.Module):
             logp1 = torch.log_softmax(self.project(pick(hidden, states)), dim=-1)  # (B, W, V)
         return Output(q_r, logp1, hidden, base_cache, head_cache)
 
+    def scores(self, input_ids, attention_mask, states, actions, alpha0, alpha_tilde, hidden=None, logz1=None):
+        """What the training loss needs at the states (B, W), with actions (B, W) the token taken in
+        each (any id where none is), computed without materialising Q_R and log pi1 separately:
+
+            Q_R(s, a)      = W_out[a]·u(s)
+            log pi1(a | s) = W_out[a]·h(s) − log Z1(s),           log Z1 = logsumexp(W_out·h)
+            V(s)           = α̃·logsumexp(W_out·(u + α0·h) / α̃) − α0·log Z1(s)
+
+        the last being residual_q.soft_value with Q_R + α0·log pi1 combined before the projection,
+        so one (B, W, V) projection carries gradients. Returns (q_sa, logp1_sa, v, hidden, logz1),
+        the first three and logz1 (B, W); hidden and logz1 may be passed back in to skip the frozen
+        forward and projection (train.py keeps them across epochs)."""
+        position_ids = positions(attention_mask)
+        if hidden is None:
+            hidden, _ = self.hidden(input_ids, attention_mask, position_ids)  # (B, T, D)
+        u, _ = self.head(hidden.float(), attention_mask, position_ids)  # (B, T, D)
+        h_s, u_s = pick(hidden, states).float(), pick(u, states)  # (B, W, D)
+        if logz1 is None:
+            with torch.no_grad():
+                logz1 = torch.logsumexp(self.project(h_s), dim=-1)  # (B, W)
+        w_a = self.out_weight[actions].float()  # (B, W, D) output embeddings of the actions
+        q_sa = (w_a * u_s).sum(-1)  # (B, W)
+        logp1_sa = (w_a * h_s).sum(-1) - logz1  # (B, W)
+        v = alpha_tilde * torch.logsumexp(self.project(u_s + alpha0 * h_s) / alpha_tilde, dim=-1) - alpha0 * logz1
+        return q_sa, logp1_sa, v, hidden, logz1
+
 
 def head_parameter_count(head):
     return sum(p.numel() for p in head.parameters() if p.requires_grad)

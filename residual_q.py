@@ -8,6 +8,7 @@ token, s_{t+1} = s_t ⊕ a_t. The head gives Q_R(s, ·) and the frozen model giv
   soft_value         V(s)    = α̃ · logsumexp_a z(s, a)
   next_tokens        the one shift: position t scores token t+1; scored where labels[t+1] ≠ IGNORE
   scored_states      the window of states that take a response action (all the loss needs)
+  gather_actions     x(s_t, a_t) for every state, e.g. Q_R(s_t, a_t) or log pi1(a_t | s_t)
   derived_reward     r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}),  V = 0 after the last response token
   response_return    R(x, y) = Σ_t r2(s_t, a_t) over the response tokens only
   response_logprob   log p(y|x) = Σ_t log p(a_t|s_t) over the response tokens (for the identity below)
@@ -68,14 +69,14 @@ def gather_actions(x, labels):
     return picked * mask
 
 
-def derived_reward(q_r, logp1, labels, alpha0, alpha_tilde, gamma):
+def derived_reward(q_sa, v, labels, gamma):
     """r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}) (inverse soft Bellman equation), (B, T-1).
 
-    s_{t+1} is described by position t+1. It is terminal (V = 0) when a_t is the last response
-    token: the end of the sequence, EOS, or a truncated response (the data stops there)."""
+    q_sa: (B, T-1) Q_R(s_t, a_t), as gather_actions(q_r, labels) gives it; v: (B, T) V(s_t), as
+    soft_value gives it. s_{t+1} is described by position t+1. It is terminal (V = 0) when a_t is
+    the last response token: the end of the sequence, EOS, or a truncated response (the data stops
+    there)."""
     _, mask = next_tokens(labels)  # (B, T-1)
-    q_sa = gather_actions(q_r, labels)  # (B, T-1)
-    v = soft_value(q_r, logp1, alpha0, alpha_tilde)  # (B, T)
     next_scored = torch.zeros_like(mask)
     next_scored[:, :-1] = mask[:, 1:]  # is a_{t+1} a response token, i.e. is s_{t+1} non-terminal?
     v_next = v[:, 1:] * next_scored  # (B, T-1)

@@ -28,7 +28,8 @@ from tqdm import tqdm
 import data
 import model as M
 from bt_loss import bt_loss
-from residual_q import derived_reward, kl_to_frozen, next_tokens, response_logprob, scored_states
+from residual_q import (IGNORE, derived_reward, gather_actions, kl_to_frozen, next_tokens, response_logprob,
+                        scored_states, soft_value)
 from sample import generate
 
 HERE = Path(__file__).resolve().parent
@@ -90,30 +91,43 @@ def parse_args(argv=None):
 # the frozen model's hidden states, kept across epochs
 
 
-class HiddenCache:
-    """The frozen hidden states h of each sequence, kept after their first computation (up to a
-    memory budget), so a later epoch or evaluation skips the frozen forward, the costliest part of
-    a step. The frozen model never changes, so the stored h is what a recomputation would give
-    (up to float rounding of a different batch shape)."""
+class FrozenCache:
+    """The frozen model's outputs per sequence, kept after their first computation (up to a memory
+    budget): its hidden states h (T, D) and log Z1 at the scored states. A later epoch or
+    evaluation then skips the frozen forward and projection, the costliest part of a step. The
+    frozen model never changes, so what is kept is what a recomputation would give (up to float
+    rounding from a different batch shape)."""
 
     def __init__(self, budget_gb):
         self.budget, self.used, self.store = budget_gb * 2**30, 0, {}
 
-    def get(self, keys, mask):
-        """keys: one per row; mask: (N, T). The right-padded hidden states (N, T, D), or None."""
-        if not all(k in self.store for k in keys):
-            return None
-        rows = [self.store[k] for k in keys]
-        hidden = rows[0].new_zeros(len(rows), mask.shape[1], rows[0].shape[-1])  # (N, T, D)
-        for i, h in enumerate(rows):
+    def get(self, keys, mask, width):
+        """keys: one per row; mask: (N, T). Right-padded hidden (N, T, D) and logz1 (N, W), each
+        None when a row has none kept."""
+        rows = [self.store.get(k) for k in keys]
+        if any(r is None for r in rows):
+            return None, None
+        hidden = rows[0][0].new_zeros(len(rows), mask.shape[1], rows[0][0].shape[-1])  # (N, T, D)
+        for i, (h, _) in enumerate(rows):
             hidden[i, :len(h)] = h
-        return hidden
+        if any(z is None for _, z in rows):
+            return hidden, None
+        logz1 = hidden.new_zeros(len(rows), width, dtype=torch.float32)  # (N, W)
+        for i, (_, z) in enumerate(rows):
+            logz1[i, :len(z)] = z
+        return hidden, logz1
 
-    def put(self, keys, hidden, mask):
-        for k, h, n in zip(keys, hidden, mask.sum(-1).tolist()):
-            if k not in self.store and self.used + h[:n].nbytes <= self.budget:
-                self.store[k] = h[:n].clone()
-                self.used += self.store[k].nbytes
+    def put(self, keys, hidden, mask, logz1=None, window_labels=None):
+        lengths = mask.sum(-1).tolist()
+        widths = [None] * len(keys) if logz1 is None else ((window_labels != IGNORE).sum(-1) + 1).tolist()
+        for i, (k, n, w) in enumerate(zip(keys, lengths, widths)):
+            if k in self.store:
+                continue
+            entry = (hidden[i, :n].clone(), None if logz1 is None else logz1[i, :w].clone())
+            size = sum(x.nbytes for x in entry if x is not None)
+            if self.used + size <= self.budget:
+                self.store[k] = entry
+                self.used += size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,16 +135,19 @@ class HiddenCache:
 
 
 def batch_loss(adapter, batch, keys, cache, args, device):
-    """batch: data.collate output (2B sequences, chosen first); keys name its examples for the cache.
-    Returns (loss, metrics, q_r, logp1, window_labels), the tensors on the scored window only."""
+    """batch: data.collate output (2B sequences, chosen first); keys name its pairs for the cache.
+    Returns (loss, metrics). Only the states that take a response action are scored."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     rows = [(k, "chosen") for k in keys] + [(k, "rejected") for k in keys]
     states, window_labels = scored_states(labels)  # (2B, W) each
-    q_r, logp1, hidden, _, _ = adapter(ids, mask, states, hidden=cache.get(rows, mask))  # (2B, W, V) each
-    cache.put(rows, hidden, mask)
-    r2 = derived_reward(q_r, logp1, window_labels, args.alpha0, args.alpha_tilde, args.gamma)  # (2B, W-1)
-    loss, metrics = bt_loss(r2, window_labels, args.beta)
-    return loss, metrics, q_r, logp1, window_labels
+    actions, _ = next_tokens(window_labels)  # (2B, W-1) a_t of each state
+    actions = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # the last state takes none
+    hidden, logz1 = cache.get(rows, mask, states.shape[1])
+    q_sa, _, v, hidden, logz1 = adapter.scores(ids, mask, states, actions, args.alpha0, args.alpha_tilde,
+                                               hidden, logz1)  # (2B, W) each
+    cache.put(rows, hidden, mask, logz1, window_labels)
+    r2 = derived_reward(q_sa[:, :-1], v, window_labels, args.gamma)  # (2B, W-1)
+    return bt_loss(r2, window_labels, args.beta)
 
 
 @torch.no_grad()
@@ -142,7 +159,15 @@ def evaluate(adapter, test_set, cache, args, device, collate):
     for start in tqdm(range(0, len(test_set), args.batch_size), desc="evaluating", leave=False):
         idx = list(range(start, min(start + args.batch_size, len(test_set))))
         batch = collate([test_set[i] for i in idx])
-        _, metrics, q_r, logp1, labels = batch_loss(adapter, batch, [("test", i) for i in idx], cache, args, device)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        states, labels = scored_states(batch["labels"].to(device))  # (2B, W)
+        rows = [("test", i, side) for side in ("chosen", "rejected") for i in idx]
+        hidden, _ = cache.get(rows, mask, states.shape[1])
+        q_r, logp1, hidden, _, _ = adapter(ids, mask, states, hidden)  # (2B, W, V) each
+        cache.put(rows, hidden, mask)
+        v = soft_value(q_r, logp1, args.alpha0, args.alpha_tilde)  # (2B, W)
+        r2 = derived_reward(gather_actions(q_r, labels), v, labels, args.gamma)  # (2B, W-1)
+        _, metrics = bt_loss(r2, labels, args.beta)
         B = len(idx)
         _, mask = next_tokens(labels)  # (2B, W-1)
         kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1]  # (2B, W-1), states s_t
@@ -239,7 +264,7 @@ def main(argv=None):
           f"frozen {n_base / 1e6:.0f}M")
 
     collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
-    cache = HiddenCache(args.cache_gb)
+    cache = FrozenCache(args.cache_gb)
     batches_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
     warmup = max(1, int(args.warmup * total_steps))
@@ -283,7 +308,7 @@ def main(argv=None):
             group = batches[b:b + args.grad_accum]
             sums = {}
             for idx in group:
-                loss, metrics, *_ = batch_loss(adapter, collate([train_set[i] for i in idx]),
+                loss, metrics = batch_loss(adapter, collate([train_set[i] for i in idx]),
                                                [("train", i) for i in idx], cache, args, device)
                 (loss / len(group)).backward()
                 for k, v in metrics.items():

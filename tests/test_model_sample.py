@@ -112,3 +112,23 @@ def test_embedded_model_zero_head_greedy_matches_hf(tokenizer):
                         pad_token_id=tok.pad_token_id)
     ref_text = [tok.decode(r[ids.shape[1]:], skip_special_tokens=True).strip() for r in ref]
     assert [a for a, _ in generate(adapter, tok, PROMPTS, max_new_tokens=16)] == ref_text
+
+
+def test_fused_scores_equal_the_residual_q_functions_on_whole_tensors(tokenizer):
+    """QAdapter.scores (one combined projection) gives the same Q_R(s,a), log pi1(a|s) and V(s)."""
+    import residual_q as rq
+    base = tiny_llama(tokenizer)
+    adapter = adapter_for(base, zero=False)
+    ids, mask = padded_batch(tokenizer, "right")
+    labels = ids.masked_fill(mask == 0, rq.IGNORE)
+    labels[:, :4] = rq.IGNORE  # a 4-token prompt
+    states, window_labels = rq.scored_states(labels)
+    actions, _ = rq.next_tokens(window_labels)
+    actions = torch.cat([actions, torch.zeros_like(actions[:, :1])], 1)  # the last state takes none
+    for alpha0, alpha_tilde in [(1.0, 1.0), (0.3, 2.0)]:
+        q_sa, logp1_sa, v, *_ = adapter.scores(ids, mask, states, actions, alpha0, alpha_tilde)
+        q_r, logp1, *_ = adapter(ids, mask, states)
+        _, m = rq.next_tokens(window_labels)
+        torch.testing.assert_close(q_sa[:, :-1][m], rq.gather_actions(q_r, window_labels)[m], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logp1_sa[:, :-1][m], rq.gather_actions(logp1, window_labels)[m], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v, rq.soft_value(q_r, logp1, alpha0, alpha_tilde), rtol=1e-4, atol=1e-4)

@@ -22,6 +22,12 @@ def random_batch(B=5, T=12, V=17, seed=0):
     return q_r, logp1, labels
 
 
+def reward(q_r, logp1, labels, alpha0, alpha_tilde, gamma):
+    """r2 from whole (B, T, V) tensors: Q_R at the actions and V at every state."""
+    v = rq.soft_value(q_r, logp1, alpha0, alpha_tilde)
+    return rq.derived_reward(rq.gather_actions(q_r, labels), v, labels, gamma)
+
+
 def first_response_state(labels):
     """Index of s_0, the last prompt position: (B,)."""
     return (labels != IGNORE).int().argmax(-1) - 1
@@ -31,7 +37,7 @@ def first_response_state(labels):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_return_telescopes_to_log_ratio_plus_initial_value(alpha0, alpha_tilde, seed):
     q_r, logp1, labels = random_batch(seed=seed)
-    r2 = rq.derived_reward(q_r, logp1, labels, alpha0, alpha_tilde, gamma=1.0)
+    r2 = reward(q_r, logp1, labels, alpha0, alpha_tilde, gamma=1.0)
     R = rq.response_return(r2, labels)
     log_pi = rq.response_logprob(rq.customised_logits(q_r, logp1, alpha0, alpha_tilde), labels)
     log_pi1 = rq.response_logprob(logp1, labels)
@@ -56,7 +62,7 @@ def test_alignment_on_a_hand_built_batch():
     V = 10
     q_r = (100.0 * torch.arange(7)[:, None] + torch.arange(V)[None, :]).expand(2, 7, V).clone()
     logp1 = torch.zeros(2, 7, V)
-    r2 = rq.derived_reward(q_r, logp1, labels, alpha0=0.0, alpha_tilde=1.0, gamma=0.5)
+    r2 = reward(q_r, logp1, labels, alpha0=0.0, alpha_tilde=1.0, gamma=0.5)
     v = rq.soft_value(q_r, logp1, 0.0, 1.0)  # (2, 7)
     expected0 = [0, 107 - 0.5 * v[0, 2], 208 - 0.5 * v[0, 3], 302 - 0.0, 0, 0]  # V = 0 after EOS
     expected1 = [9 - 0.5 * v[1, 1], 102 - 0.0, 0, 0, 0, 0]
@@ -65,10 +71,10 @@ def test_alignment_on_a_hand_built_batch():
 
 def test_the_scored_window_gives_the_same_rewards_as_the_whole_sequence():
     q_r, logp1, labels = random_batch(seed=4)
-    r2 = rq.derived_reward(q_r, logp1, labels, 0.5, 1.3, 0.9)
+    r2 = reward(q_r, logp1, labels, 0.5, 1.3, 0.9)
     index, window_labels = rq.scored_states(labels)
     pick = lambda x: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
-    r2_window = rq.derived_reward(pick(q_r), pick(logp1), window_labels, 0.5, 1.3, 0.9)
+    r2_window = reward(pick(q_r), pick(logp1), window_labels, 0.5, 1.3, 0.9)
     torch.testing.assert_close(rq.response_return(r2_window, window_labels), rq.response_return(r2, labels))
     assert index.shape[1] == int((labels != IGNORE).sum(-1).max()) + 1
     _, mask = rq.next_tokens(labels)
@@ -109,7 +115,7 @@ def test_one_step_raises_the_margin():
     q_r, logp1, labels = random_batch(B=2, seed=3)
     q_r.requires_grad_(True)
     def margin():
-        r2 = rq.derived_reward(q_r, logp1, labels, 0.5, 1.0, 1.0)
+        r2 = reward(q_r, logp1, labels, 0.5, 1.0, 1.0)
         return bt_loss(r2, labels, beta=0.1)
     loss, before = margin()
     loss.backward()

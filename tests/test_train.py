@@ -10,8 +10,6 @@ from safetensors.torch import load_file
 
 import model as M
 import train
-from bt_loss import bt_loss
-from residual_q import derived_reward
 from tests.conftest import separable_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +38,7 @@ def test_one_optimiser_step_raises_the_margin_of_a_pair(tokenizer, tiny_path, se
     opt = torch.optim.AdamW(p for p in head.parameters() if p.requires_grad)
 
     def margin():
-        q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"])
-        return bt_loss(derived_reward(q_r, logp1, batch["labels"], 1.0, 1.0, 1.0), batch["labels"], 0.1)
+        return train.batch_loss(adapter, batch, [0], train.FrozenCache(0), train.parse_args([]), "cpu")
 
     loss, before = margin()
     loss.backward()
