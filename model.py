@@ -226,30 +226,39 @@ class QAdapter(nn.Module):
             logp1 = torch.log_softmax(self.project(pick(hidden, states)), dim=-1)  # (B, W, V)
         return Output(q_r, logp1, hidden, base_cache, head_cache)
 
-    def scores(self, input_ids, attention_mask, states, actions, alpha0, alpha_tilde, hidden=None, logz1=None):
+    def scores(self, input_ids, attention_mask, states, actions, valid, alpha0, alpha_tilde, hidden=None, logz1=None):
         """What the training loss needs at the states (B, W), with actions (B, W) the token taken in
-        each (any id where none is), computed without materialising Q_R and log pi1 separately:
+        each (any id where none is) and valid (B, W) marking the states that exist (the rest is
+        padding of the window and is skipped), without materialising Q_R and log pi1 separately:
 
             Q_R(s, a)      = W_out[a]·u(s)
             log pi1(a | s) = W_out[a]·h(s) − log Z1(s),           log Z1 = logsumexp(W_out·h)
             V(s)           = α̃·logsumexp(W_out·(u + α0·h) / α̃) − α0·log Z1(s)
 
         the last being residual_q.soft_value with Q_R + α0·log pi1 combined before the projection,
-        so one (B, W, V) projection carries gradients. Returns (q_sa, logp1_sa, v, hidden, logz1),
-        the first three and logz1 (B, W); hidden and logz1 may be passed back in to skip the frozen
-        forward and projection (train.py keeps them across epochs)."""
+        so one (N, V) projection carries gradients, over the N valid states only. Returns
+        (q_sa, logp1_sa, v, hidden, logz1): the first three and logz1 (B, W), zero where not valid;
+        hidden and logz1 may be passed back in to skip the frozen forward and projection (train.py
+        keeps them across epochs)."""
         position_ids = positions(attention_mask)
         if hidden is None:
             hidden, _ = self.hidden(input_ids, attention_mask, position_ids)  # (B, T, D)
         u, _ = self.head(hidden.float(), attention_mask, position_ids)  # (B, T, D)
-        h_s, u_s = pick(hidden, states).float(), pick(u, states)  # (B, W, D)
+        h_s, u_s = pick(hidden, states)[valid].float(), pick(u, states)[valid]  # (N, D)
         if logz1 is None:
             with torch.no_grad():
-                logz1 = torch.logsumexp(self.project(h_s), dim=-1)  # (B, W)
-        w_a = self.out_weight[actions].float()  # (B, W, D) output embeddings of the actions
-        q_sa = (w_a * u_s).sum(-1)  # (B, W)
-        logp1_sa = (w_a * h_s).sum(-1) - logz1  # (B, W)
-        v = alpha_tilde * torch.logsumexp(self.project(u_s + alpha0 * h_s) / alpha_tilde, dim=-1) - alpha0 * logz1
+                logz1 = valid.new_zeros(valid.shape, dtype=torch.float32)  # (B, W)
+                logz1[valid] = torch.logsumexp(self.project(h_s), dim=-1)
+        z1 = logz1[valid]  # (N,)
+        w_a = self.out_weight[actions[valid]].float()  # (N, D) output embeddings of the actions
+        out = []
+        for x in ((w_a * u_s).sum(-1),  # Q_R(s, a)
+                  (w_a * h_s).sum(-1) - z1,  # log pi1(a | s)
+                  alpha_tilde * torch.logsumexp(self.project(u_s + alpha0 * h_s) / alpha_tilde, dim=-1) - alpha0 * z1):
+            full = x.new_zeros(valid.shape)  # (B, W)
+            full[valid] = x
+            out.append(full)
+        q_sa, logp1_sa, v = out
         return q_sa, logp1_sa, v, hidden, logz1
 
 

@@ -75,6 +75,7 @@ def parse_args(argv=None):
     a = ap.add_argument_group("run")
     a.add_argument("--out-dir", default="runs/demo", help="metrics, summary and checkpoint go here")
     a.add_argument("--eval-every", type=int, default=0, help="evaluate and save every N steps (0: each epoch)")
+    a.add_argument("--train-limit", type=int, default=0, help="train on the first N training pairs (0: all)")
     a.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test pairs (0: all)")
     a.add_argument("--samples", type=int, default=3, help="test prompts shown before/after training")
     a.add_argument("--max-new-tokens", type=int, default=96, help="tokens per shown sample at most")
@@ -134,6 +135,14 @@ class FrozenCache:
 # one batch through the model and the loss
 
 
+def frozen_hidden(adapter, ids, mask, width):
+    """The frozen hidden states of right-padded rows, run without the columns that are padding in
+    every row (chosen answers are often much shorter than rejected ones), padded back to width."""
+    n = int(mask.sum(-1).max())
+    hidden, _ = adapter.hidden(ids[:, :n], mask[:, :n], M.positions(mask[:, :n]))  # (B, n, D)
+    return torch.nn.functional.pad(hidden, (0, 0, 0, width - n))
+
+
 def batch_loss(adapter, batch, keys, cache, args, device):
     """batch: data.collate output (2B sequences, chosen first); keys name its pairs for the cache.
     Returns (loss, metrics). Only the states that take a response action are scored."""
@@ -142,9 +151,14 @@ def batch_loss(adapter, batch, keys, cache, args, device):
     states, window_labels = scored_states(labels)  # (2B, W) each
     actions, _ = next_tokens(window_labels)  # (2B, W-1) a_t of each state
     actions = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # the last state takes none
+    # the states that take an action: the window minus its padding and the final (terminal) state
+    valid = torch.arange(states.shape[1], device=device) < (window_labels != IGNORE).sum(-1, keepdim=True)  # (2B, W)
     hidden, logz1 = cache.get(rows, mask, states.shape[1])
-    q_sa, _, v, hidden, logz1 = adapter.scores(ids, mask, states, actions, args.alpha0, args.alpha_tilde,
-                                               hidden, logz1)  # (2B, W) each
+    if hidden is None:  # the chosen and the rejected rows separately, each cut to its own length
+        hidden = torch.cat([frozen_hidden(adapter, i, m, mask.shape[1])
+                            for i, m in zip(ids.chunk(2), mask.chunk(2))])  # (2B, T, D)
+    q_sa, _, v, hidden, logz1 = adapter.scores(ids, mask, states, actions, valid, args.alpha0,
+                                               args.alpha_tilde, hidden, logz1)  # (2B, W) each
     cache.put(rows, hidden, mask, logz1, window_labels)
     r2 = derived_reward(q_sa[:, :-1], v, window_labels, args.gamma)  # (2B, W-1)
     return bt_loss(r2, window_labels, args.beta)
@@ -249,7 +263,7 @@ def main(argv=None):
             test_pairs = data.load_pairs(args.test_data, args.split)
         else:
             train_pairs, test_pairs = data.split_by_prompt(train_pairs, args.test_fraction, args.seed)
-        test_pairs = test_pairs[:args.eval_limit or None]
+        train_pairs, test_pairs = train_pairs[:args.train_limit or None], test_pairs[:args.eval_limit or None]
         train_set = data.PairDataset(tok, train_pairs, args.cutoff, args.max_prompt)
         test_set = data.PairDataset(tok, test_pairs, args.cutoff, args.max_prompt)
     except data.DataError as e:

@@ -6,7 +6,7 @@ generated answer:
 
   "concise"     1 or 2 sentences, at most MAX_WORDS words, and the model ended it itself (EOS);
   "degenerate"  not a real answer: empty, fewer than MIN_WORDS words, no letters, or a loop
-                (the same word 3-gram more than 3 times, or under 35% distinct words);
+                (the same word 3-gram 5 times or more, or under 30% distinct words);
   "long"        anything else: more sentences, more words, or cut off by the token budget.
 
 An empty or looping answer is never counted as concise, so the score cannot be won by saying
@@ -36,9 +36,9 @@ def is_degenerate(text):
     if len(words) < MIN_WORDS or not re.search(r"[a-zA-Z]", text):
         return True
     trigrams = Counter(zip(words, words[1:], words[2:]))
-    if trigrams and max(trigrams.values()) > 3:
+    if trigrams and max(trigrams.values()) >= 5:
         return True
-    return len(words) >= 10 and len(set(words)) / len(words) < 0.35
+    return len(words) >= 10 and len(set(words)) / len(words) < 0.3
 
 
 def judge(text, finished):

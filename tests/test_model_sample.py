@@ -126,9 +126,10 @@ def test_fused_scores_equal_the_residual_q_functions_on_whole_tensors(tokenizer)
     actions, _ = rq.next_tokens(window_labels)
     actions = torch.cat([actions, torch.zeros_like(actions[:, :1])], 1)  # the last state takes none
     for alpha0, alpha_tilde in [(1.0, 1.0), (0.3, 2.0)]:
-        q_sa, logp1_sa, v, *_ = adapter.scores(ids, mask, states, actions, alpha0, alpha_tilde)
+        valid = torch.cat([window_labels[:, :1] == rq.IGNORE, window_labels[:, 1:] != rq.IGNORE], 1)
+        q_sa, logp1_sa, v, *_ = adapter.scores(ids, mask, states, actions, valid, alpha0, alpha_tilde)
         q_r, logp1, *_ = adapter(ids, mask, states)
         _, m = rq.next_tokens(window_labels)
         torch.testing.assert_close(q_sa[:, :-1][m], rq.gather_actions(q_r, window_labels)[m], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logp1_sa[:, :-1][m], rq.gather_actions(logp1, window_labels)[m], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(v, rq.soft_value(q_r, logp1, alpha0, alpha_tilde), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v[valid], rq.soft_value(q_r, logp1, alpha0, alpha_tilde)[valid], rtol=1e-4, atol=1e-4)
