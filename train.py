@@ -51,7 +51,8 @@ def parse_args(argv=None):
                         "with a head initialised to the base logits)")
     a.add_argument("--alpha-tilde", type=float, default=1.0, help="α̃, temperature of the customised policy")
     a.add_argument("--gamma", type=float, default=1.0, help="γ, discount in r2 = Q_R − γ·V(s')")
-    a.add_argument("--beta", type=float, default=0.1, help="β, weight of the mean r2² regulariser (0: off)")
+    a.add_argument("--beta", type=float, default=0.01,
+                   help="β, weight of the mean r2² regulariser (0: off; the official code uses 0.1)")
     a = ap.add_argument_group("data")
     a.add_argument("--data", default=str(HERE / "demo" / "concise_train.jsonl"),
                    help="preference pairs: .jsonl/.json/.parquet file or a hub data set name")
@@ -62,10 +63,10 @@ def parse_args(argv=None):
     a.add_argument("--cutoff", type=int, default=256, help="tokens per sequence at most (prompt + response)")
     a.add_argument("--max-prompt", type=int, default=None, help="prompt tokens kept at most, its end (default cutoff/2)")
     a = ap.add_argument_group("optimisation")
-    a.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW), linear warm-up then cosine")
+    a.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW), linear warm-up then cosine")
     a.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
     a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a.add_argument("--epochs", type=int, default=2, help="passes over the training pairs")
+    a.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
     a.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
     a.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimiser step")
     a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
