@@ -6,7 +6,7 @@ residual_q.py; the Bradley–Terry loss from bt_loss.py. Only the head is traine
 
     python train.py                                   # the embedded demo: SmolLM2-135M, concise answers, CPU
     python train.py --base-model meta-llama/Llama-3.1-8B-Instruct \\
-        --data ../shared/data/dsp/dsp_academy_pairs.jsonl --cutoff 512 \\
+        --data dsp_academy_pairs.jsonl --test-data "" --cutoff 512 \\
         --batch-size 8 --grad-accum 8 --head-width 1024 --out-dir runs/dsp-academy   # one GPU, bf16
     python train.py --out-dir runs/demo --resume      # continue from runs/demo/checkpoint
 
@@ -176,7 +176,7 @@ def evaluate(adapter, test_set, cache, args, device, collate):
         batch = collate([test_set[i] for i in idx])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         states, labels = scored_states(batch["labels"].to(device))  # (2B, W)
-        rows = [("test", i, side) for side in ("chosen", "rejected") for i in idx]
+        rows = [(("test", i), side) for side in ("chosen", "rejected") for i in idx]
         hidden, _ = cache.get(rows, mask, states.shape[1])
         q_r, logp1, hidden, _, _ = adapter(ids, mask, states, hidden)  # (2B, W, V) each
         cache.put(rows, hidden, mask)

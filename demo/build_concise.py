@@ -10,9 +10,10 @@ So the two answers share their beginning and differ only in where the model stop
 is "make your point, then stop". (A first version took the chosen answer from a second generation
 with a system prompt asking for brevity; the two answers then differed in wording everywhere, the
 Bradley–Terry loss was satisfied by those differences within a few steps, and the customised
-model's answers did not get shorter.) Prompts are split, seeded, into train and test; each prompt
-gives one pair, so the split is by prompt. Both files use the conversational format of
-../shared/data.
+model's answers did not get shorter. The README's results say how this version fares.) Prompts
+are split, seeded, into train and test; each prompt
+gives one pair, so the split is by prompt. Both files use the conversational format (chosen and
+rejected message lists, the prompt being their shared beginning).
 
     python demo/build_concise.py      # about 15 minutes on 2 CPU cores; the generations are cached
                                       # by prompt in $QADAPTER_CACHE, so a rerun takes seconds

@@ -82,3 +82,18 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_path, separable, tmp_path):
     # the training records match exactly (the interrupted run also evaluated where it stopped)
     steps = lambda rs: [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in rs if "loss" in r]  # noqa: E731
     assert steps(lines("full")) == steps(lines("part"))
+
+
+def test_kept_frozen_outputs_give_what_recomputing_gives(tiny_path, separable, tmp_path):
+    """Epoch 2 reads the frozen hidden states and log Z1 kept from epoch 1 (--cache-gb); with the
+    cache off it recomputes them. The trained heads agree to float rounding."""
+    runs = {}
+    for name, budget in (("kept", "4"), ("recomputed", "0")):
+        args = common_args(tiny_path, separable, tmp_path / name) + ["--epochs", "2", "--samples", "0",
+                                                                     "--cache-gb", budget]
+        runs[name] = train.main(args)
+    a = load_file(tmp_path / "kept" / "checkpoint" / "head.safetensors")
+    b = load_file(tmp_path / "recomputed" / "checkpoint" / "head.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert abs(runs["kept"]["eval/rewards/margins"] - runs["recomputed"]["eval/rewards/margins"]) < 1e-3
