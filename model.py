@@ -8,8 +8,8 @@ layer reads; W_out is that frozen output layer (V × D). The head is a small Lla
 (its own attention, so its own KV cache when decoding) that maps h to a correction u in the same
 D-dimensional space, so Q_R is projected by the *frozen* output embedding:
   - the head needs no V × D matrix of its own (on Llama-3.1-8B that alone would be 525M parameters),
-  - Q_R and the frozen logits live in one space, so later the two can be combined before the one
-    expensive projection (Q_R + α0·log pi1 = W_out·(u + α0·h) − α0·log Z1),
+  - Q_R and the frozen logits live in one space, so training combines the two before the one
+    expensive projection (Q_R + α0·log pi1 = W_out·(u + α0·h) − α0·log Z1, QAdapter.scores),
   - its last projection starts at zero, so Q_R ≡ 0 at step 0 and the customised policy is exactly
     the frozen model when α0 = α̃ (residual_q.py): customisation starts from zero forgetting.
 

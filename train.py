@@ -323,8 +323,8 @@ def main(argv=None):
             group = batches[b:b + args.grad_accum]
             sums = {}
             for idx in group:
-                loss, metrics = batch_loss(adapter, collate([train_set[i] for i in idx]),
-                                               [("train", i) for i in idx], cache, args, device)
+                batch = collate([train_set[i] for i in idx])
+                loss, metrics = batch_loss(adapter, batch, [("train", i) for i in idx], cache, args, device)
                 (loss / len(group)).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / len(group)

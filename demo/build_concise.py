@@ -1,19 +1,23 @@
 """Builds the embedded demo preference: concise answers (demo/concise_{train,test}.jsonl).
 
 For every prompt in demo/prompts.py the embedded model (SmolLM2-135M-Instruct) answers greedily
-with its usual answer (at most 96 new tokens, cut back to its last complete sentence). Then
-  rejected = that usual answer, kept only if demo.concise.judge calls it "long";
-  chosen   = the same answer stopped after its first two sentences (or its first, when two would
+with its usual answer (at most 96 new tokens, cut back to its last complete sentence), kept only if
+demo.concise.judge calls it "long". Then
+  chosen   = that answer stopped after its first two sentences (or its first, when two would
              pass 40 words), kept only if judge calls it "concise", it does not end in ':' (a
-             preamble such as "Here are some tips:"), and it has at most 2/3 of the words.
-So the two answers share their beginning and differ only in where the model stops: the preference
-is "make your point, then stop". (A first version took the chosen answer from a second generation
-with a system prompt asking for brevity; the two answers then differed in wording everywhere, the
-Bradley–Terry loss was satisfied by those differences within a few steps, and the customised
-model's answers did not get shorter. The README's results say how this version fares.) Prompts
-are split, seeded, into train and test; each prompt
-gives one pair, so the split is by prompt. Both files use the conversational format (chosen and
-rejected message lists, the prompt being their shared beginning).
+             preamble such as "Here are some tips:"), and it has at most 2/3 of the words;
+  rejected = the usual answer, stopped half-way through its last sentence.
+So the two answers share their beginning and differ in where the model stops: the preference is
+"make your point, then stop". Why the rejected answer never ends at a sentence end: its end-of-turn
+token is scored too, and the loss pushes it down; ended after its third or later sentence, it
+taught "do not stop at a sentence end", the opposite of the chosen answer's lesson (measured:
+3% of generated test answers concise with that version, 15% with this one; README).
+Earlier still, the chosen answer came from a second generation with a system prompt asking for
+brevity; the two answers then differed in wording everywhere, the Bradley–Terry loss was met by
+those differences within a few steps, and the customised answers did not get shorter.
+Prompts are split, seeded, into train and test; each prompt gives one pair, so the split is by
+prompt. Both files use the conversational format (chosen and rejected message lists, the prompt
+being their shared beginning).
 
     python demo/build_concise.py      # about 15 minutes on 2 CPU cores; the generations are cached
                                       # by prompt in $QADAPTER_CACHE, so a rerun takes seconds
@@ -30,7 +34,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
-from demo.concise import first_sentences, judge  # noqa: E402
+from demo.concise import first_sentences, judge, sentences  # noqa: E402
 from demo.prompts import all_prompts  # noqa: E402
 
 MAX_NEW_TOKENS = 96
@@ -74,9 +78,12 @@ def make_pair(prompt, answer, finished):
         chosen = first_sentences(answer, 1)
     if judge(chosen, True) != "concise" or chosen.endswith(":") or 3 * words(chosen) > 2 * words(answer):
         return None, "no concise opening"
+    # the rejected answer stops half-way through its last sentence, never at a sentence end
+    last = sentences(answer)[-1]
+    rejected = answer[:answer.rindex(last)] + " ".join(last.split()[:max(1, len(last.split()) // 2)])
     user = [{"role": "user", "content": prompt}]
     return {"chosen": user + [{"role": "assistant", "content": chosen}],
-            "rejected": user + [{"role": "assistant", "content": answer}]}, None
+            "rejected": user + [{"role": "assistant", "content": rejected}]}, None
 
 
 def main():
