@@ -228,9 +228,8 @@ def load_trainer_state(out_dir, adapter, optimizer, scheduler):
         os.replace(out_dir / ".checkpoint-old", ckpt)
     if not (ckpt / "trainer_state.pt").exists():
         raise SystemExit(f"error: --resume: no checkpoint in {ckpt}")
-    M.load_adapter(ckpt, base=adapter.base)  # validates the files; the weights are loaded below
-    from safetensors.torch import load_file
-    adapter.head.load_state_dict(load_file(ckpt / M.HEAD_FILE, device=str(adapter.out_weight.device)))
+    saved, _, _ = M.load_adapter(ckpt, base=adapter.base)  # safetensors only, with clear errors
+    adapter.head.load_state_dict(saved.head.state_dict())
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
