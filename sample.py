@@ -49,8 +49,8 @@ def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max
              temperature=0.0, top_k=0, top_p=1.0, seed=0, frozen_only=False):
     """conversations: list of message lists. Returns a list of (answer text, finished at EOS).
 
-    frozen_only decodes pi1 alone (the head is not run). In decoding, log pi1 may be replaced by the
-    frozen logits: its normaliser is one constant per state and cancels in the softmax."""
+    frozen_only decodes pi1 alone (the head is not run). log pi1 is normalised here although its
+    normaliser is one constant per state and would cancel in the softmax."""
     device = adapter.out_weight.device
     tokenizer.padding_side = "left"
     enc = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,

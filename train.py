@@ -1,13 +1,15 @@
 """Train a Q-head: customise a frozen LLM to a new preference (Q-Adapter, arXiv 2407.03856).
 
-Per batch of preference pairs: the frozen model gives log pi1 and its hidden states (no gradients),
-the head gives Q_R (model.py); the derived per-token reward r2 and the returns R come from
-residual_q.py; the Bradley–Terry loss from bt_loss.py. Only the head is trained.
+Per batch of preference pairs: the frozen model gives its hidden states (no gradients), the head
+reads them, and QAdapter.scores (model.py) gives Q_R(s,a), log pi1(a|s) and V(s) at the states
+that take a response action; the derived per-token reward r2 and the returns R come from
+residual_q.py, the Bradley–Terry loss from bt_loss.py. Only the head is trained. Evaluation uses
+the whole Q_R and log pi1 vectors (model.QAdapter.forward) for the KL to the frozen model.
 
     python train.py                                   # the embedded demo: SmolLM2-135M, concise answers, CPU
     python train.py --base-model meta-llama/Llama-3.1-8B-Instruct \\
         --data dsp_academy_pairs.jsonl --test-data "" --cutoff 512 \\
-        --batch-size 8 --grad-accum 8 --head-width 1024 --out-dir runs/dsp-academy   # one GPU, bf16
+        --batch-size 8 --grad-accum 8 --head-width 1024 --lr 3e-4 --out-dir runs/dsp-academy   # one GPU, bf16
     python train.py --out-dir runs/demo --resume      # continue from runs/demo/checkpoint
 
 Writes to --out-dir: metrics.jsonl (one JSON record per step and per evaluation), summary.json, and
