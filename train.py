@@ -37,8 +37,9 @@ from sample import generate
 HERE = Path(__file__).resolve().parent
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description=__doc__):
+    """The flags of train.py; baselines.py adds its own to the same parser."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument_group("model")
     a.add_argument("--base-model", default=M.EMBEDDED,
                    help=f"frozen model pi1: a Hugging Face hub name or local path ({M.EMBEDDED}: the embedded default)")
@@ -88,7 +89,13 @@ def parse_args(argv=None):
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the frozen model (auto: bf16 on a GPU, float32 on a CPU)")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None, parser=None):
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    return args
 
 
 # ------------------------------------------------------------------------------------------------
