@@ -1,0 +1,553 @@
+"""Did it learn, did it forget: score customised policies and the frozen model side by side.
+
+Every method is a *policy* over the next token, read at the states of a batch of sequences:
+
+  frozen      pi1(·|s)  = softmax(base logits)
+  q-adapter   pi~(·|s)  = softmax((Q_R(s,·) + α0·log pi1(·|s)) / α̃)      (train.py checkpoints)
+  dpo, sft    pi(·|s)   = softmax(logits of the base with its LoRA adapter)  (baselines.py checkpoints)
+
+One forward pass of a checkpoint gives its policy and pi1 together (Q-Adapter: the head reads the
+frozen hidden states; LoRA: the same model with the adapter switched off), and for Q-Adapter every
+decode-time α0 of `--alpha0` at once. From them:
+
+Learned the preference?
+  pairwise accuracy on held-out pairs, with each method's own implicit reward: Q-Adapter the
+    return R(x,y) = Σ_t r2 (residual_q.py); DPO and SFT β·Σ_t log pi/pi1 (Rafailov et al.); the
+    frozen model its log-likelihood log pi1(y|x). Plus the mean margin reward(y_w) − reward(y_l).
+  adherence (`--adherence`, the demo preference): greedy answers to the test prompts, scored by
+    demo/concise.py (share concise; share degenerate).
+Forgot what it knew?
+  multiple-choice benchmarks scored by log-likelihood under the policy (never the head alone), in
+    lm-evaluation-harness's format: context "Question: {question}\\nAnswer:", continuation
+    " {choice}", no chat template. acc: argmax of Σ log p(continuation); acc_norm: argmax of that
+    sum divided by the continuation's length in UTF-8 bytes. ARC-Easy (id, question,
+    choices{text,label}, answerKey) and MMLU (question, subject, choices[4], answer index), from local
+    JSON lines or the hub (allenai/ai2_arc ARC-Easy, cais/mmlu all; validation split).
+  KL(pi ‖ pi1) per token, teacher-forced on the chosen responses of `--kl-data` (default the demo's
+    held-out prompts: general questions, answered in the frozen model's own words), averaged over
+    tokens.
+
+A decode-time α0 sweep (`--alpha0 0.5 1 2 4`) sets α0 = α̃ = a: pi~ ∝ pi1·exp(Q_R / a), so a is the
+weight on the frozen model relative to the head, without changing pi1's temperature; a → ∞ is pi1.
+A head trained at α0 = α̃ = 1 is the trained policy at a = 1; other values are an extrapolation.
+
+    python evaluate.py --checkpoint runs/demo --checkpoint runs/demo-dpo --checkpoint runs/demo-sft \\
+        --alpha0 0.5 1 2 4 --adherence --limit 50 --out results/demo --plot
+
+Writes OUT.json (every number), OUT.md (the table, to paste) and with --plot OUT.png (preference
+against retention). --limit N takes the first N held-out pairs, KL sequences and prompts, and N
+evenly spaced benchmark questions (MMLU is sorted by subject).
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import model as M
+from residual_q import (IGNORE, derived_reward, gather_actions, next_tokens, response_return,
+                        scored_states, soft_value)
+
+HERE = Path(__file__).resolve().parent
+RETENTION = HERE / ".." / "shared" / "data" / "retention"
+HUB = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "mmlu": ("cais/mmlu", "all")}
+
+
+# ------------------------------------------------------------------------------------------------
+# policies: one forward pass -> per-token log-probs, KL to pi1 and implicit returns, per policy
+
+
+def token_stats(logp, logp1, labels):
+    """logp, logp1: (B, W, V) log-probs of a policy and of pi1 at the window's states; labels: (B, W).
+    Returns (token_logp, kl), each (B, W-1), zero where no response token is taken:
+    log pi(a_t|s_t), and KL(pi(·|s_t) ‖ pi1(·|s_t)) = Σ_a pi (log pi − log pi1)."""
+    _, mask = next_tokens(labels)  # (B, W-1)
+    kl = (logp.exp() * (logp - logp1)).sum(-1)[:, :-1] * mask  # (B, W-1)
+    return gather_actions(logp, labels), kl
+
+
+class FrozenPolicy:
+    """pi1 alone: what every other policy is compared with."""
+
+    def __init__(self, base, name="frozen"):
+        self.base, self.names, self.kind = base, [], "frozen"
+        self.name = name
+
+    def window_logp1(self, ids, mask, states):
+        hidden = self.base.get_decoder()(input_ids=ids, attention_mask=mask,
+                                         position_ids=M.positions(mask)).last_hidden_state  # (B, T, D)
+        logits = self.base.get_output_embeddings()(M.pick(hidden, states)).float()  # (B, W, V)
+        return torch.log_softmax(logits, dim=-1)
+
+    @torch.no_grad()
+    def score(self, ids, mask, labels):
+        """ids, mask, labels: (B, T), right-padded. Returns {policy name: (token_logp, kl, ret)} with
+        token_logp, kl (B, W-1) and ret (B,) the policy's implicit return, and "frozen" for pi1."""
+        n = int(mask.sum(-1).max())  # columns that are padding in every row are skipped
+        ids, mask, labels = ids[:, :n], mask[:, :n], labels[:, :n]
+        states, window_labels = scored_states(labels)  # (B, W)
+        out = self._score(ids, mask, states, window_labels)
+        return out, window_labels
+
+    def _score(self, ids, mask, states, labels):
+        logp1 = self.window_logp1(ids, mask, states)  # (B, W, V)
+        token_logp, kl = token_stats(logp1, logp1, labels)
+        return {"frozen": (token_logp, kl, token_logp.sum(-1))}
+
+
+class QAdapterPolicy(FrozenPolicy):
+    """pi~ at each decode-time α0 of alphas ((α0, α̃) pairs), and pi1, from one forward pass."""
+
+    def __init__(self, adapter, config, alphas, name):
+        self.adapter, self.config, self.kind, self.name = adapter, config, "q-adapter", name
+        self.base = adapter.base
+        self.alphas = alphas
+        self.names = [self.policy_name(a0, at) for a0, at in alphas]
+
+    def policy_name(self, alpha0, alpha_tilde):
+        trained = (alpha0, alpha_tilde) == (self.config["alpha0"], self.config["alpha_tilde"])
+        return self.name if trained and len(self.alphas) == 1 else f"{self.name} α0={alpha0:g}"
+
+    def _score(self, ids, mask, states, labels):
+        q_r, logp1, _, _, _ = self.adapter(ids, mask, states)  # (B, W, V) each
+        token_logp1, _ = token_stats(logp1, logp1, labels)
+        out = {"frozen": (token_logp1, torch.zeros_like(token_logp1), token_logp1.sum(-1))}
+        gamma = self.config.get("gamma", 1.0)
+        for (alpha0, alpha_tilde), name in zip(self.alphas, self.names):
+            logp = torch.log_softmax((q_r + alpha0 * logp1) / alpha_tilde, dim=-1)  # (B, W, V) pi~
+            v = soft_value(q_r, logp1, alpha0, alpha_tilde)  # (B, W)
+            r2 = derived_reward(gather_actions(q_r, labels), v, labels, gamma)  # (B, W-1)
+            out[name] = (*token_stats(logp, logp1, labels), response_return(r2, labels))  # R(x, y)
+        return out
+
+    def generate(self, tokenizer, conversations, max_new_tokens, batch_size):
+        from sample import generate_batched
+        return {name: generate_batched(self.adapter, tokenizer, conversations, batch_size, desc=name,
+                                       alpha0=a0, alpha_tilde=at, max_new_tokens=max_new_tokens)
+                for (a0, at), name in zip(self.alphas, self.names)}
+
+
+class LoraPolicy(FrozenPolicy):
+    """A base model with an SFT or DPO LoRA adapter; pi1 is the same model with the adapter off."""
+
+    def __init__(self, peft_model, config, name):
+        self.peft_model, self.config, self.kind, self.name = peft_model, config, config["method"], name
+        self.base = peft_model.get_base_model()
+        self.names = [name]
+
+    def _score(self, ids, mask, states, labels):
+        logp = self.window_logp1(ids, mask, states)  # (B, W, V) with the adapter: pi
+        with self.peft_model.disable_adapter():
+            logp1 = self.window_logp1(ids, mask, states)  # (B, W, V) without: pi1
+        token_logp, kl = token_stats(logp, logp1, labels)
+        token_logp1, _ = token_stats(logp1, logp1, labels)
+        beta = self.config.get("dpo_beta", 0.1)
+        return {"frozen": (token_logp1, torch.zeros_like(kl), token_logp1.sum(-1)),
+                self.name: (token_logp, kl, beta * (token_logp.sum(-1) - token_logp1.sum(-1)))}  # β·log pi/pi1
+
+    def generate(self, tokenizer, conversations, max_new_tokens, batch_size):
+        from baselines import hf_generate
+        answers = []
+        for i in tqdm(range(0, len(conversations), batch_size), desc=self.name, leave=False):
+            answers += hf_generate(self.peft_model, tokenizer, conversations[i:i + batch_size], max_new_tokens)
+        return {self.name: answers}
+
+
+def frozen_generate(policy, tokenizer, conversations, max_new_tokens, batch_size):
+    """Greedy answers of pi1 (HF generate on the base; equal to sample.generate(frozen_only))."""
+    from baselines import hf_generate
+    lm = policy.peft_model if isinstance(policy, LoraPolicy) else policy.base
+    answers = []
+    for i in tqdm(range(0, len(conversations), batch_size), desc="frozen", leave=False):
+        batch = conversations[i:i + batch_size]
+        if isinstance(policy, LoraPolicy):
+            with policy.peft_model.disable_adapter():
+                answers += hf_generate(lm, tokenizer, batch, max_new_tokens)
+        else:
+            answers += hf_generate(lm, tokenizer, batch, max_new_tokens)
+    return answers
+
+
+def load_policy(path, alphas, device, dtype, trust_remote_code=False):
+    """A train.py or baselines.py output directory (told apart by config.json's "method")."""
+    path = Path(path)
+    ckpt = path / "checkpoint" if (path / "checkpoint" / M.CONFIG_FILE).exists() else path
+    if not (ckpt / M.CONFIG_FILE).exists():
+        raise SystemExit(f"error: --checkpoint {path}: no config.json (not a train.py or baselines.py output)")
+    try:
+        config = json.loads((ckpt / M.CONFIG_FILE).read_text())
+    except ValueError as e:
+        raise SystemExit(f"error: {ckpt / M.CONFIG_FILE}: not JSON ({e})")
+    name = path.name if path.name != "checkpoint" else path.parent.name
+    if "method" in config:
+        from baselines import load_checkpoint
+        peft_model, tok, config = load_checkpoint(ckpt, device, dtype, trust_remote_code=trust_remote_code)
+        return LoraPolicy(peft_model, config, name), tok
+    adapter, tok, config = M.load_adapter(ckpt, device, dtype, trust_remote_code=trust_remote_code)
+    adapter.head.eval()
+    pairs = [(a, a) for a in alphas] if alphas else [(config["alpha0"], config["alpha_tilde"])]
+    return QAdapterPolicy(adapter, config, pairs, name), tok
+
+
+# ------------------------------------------------------------------------------------------------
+# data: held-out pairs, sequences for the KL, benchmark items
+
+
+def pad_rows(rows, pad_id):
+    """rows: list of (ids, labels) lists -> right-padded input_ids, attention_mask, labels: (N, T)."""
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, :len(row_ids)], mask[i, :len(row_ids)] = torch.tensor(row_ids), 1
+        labels[i, :len(row_labels)] = torch.tensor(row_labels)
+    return ids, mask, labels
+
+
+def held_out_pairs(source, config, limit):
+    """The test pairs a checkpoint was evaluated on: --pairs FILE, or its config's test data (or the
+    same split by prompt of its training data that train.py made)."""
+    try:
+        if source:
+            return data.load_pairs(source)[:limit or None]
+        if config.get("test_data"):
+            return data.load_pairs(config["test_data"], config.get("split", "train"))[:limit or None]
+        pairs = data.load_pairs(config["data"], config.get("split", "train"))
+        _, test = data.split_by_prompt(pairs, config.get("test_fraction", 0.2), config.get("seed", 0))
+        return test[:limit or None]
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def read_benchmark(name, source):
+    """[(context, [continuations], index of the right one)] of "arc_easy" or "mmlu", from a local
+    .jsonl file in the Hugging Face layout or a hub name (allenai/ai2_arc, cais/mmlu)."""
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise SystemExit(f"error: --{name.replace('_', '-')} {source}: no such file")
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path.name}:{n}", json.loads(line)))
+                except ValueError as e:
+                    raise SystemExit(f"error: {path.name}:{n}: invalid JSON ({e})")
+    else:  # a hub data set: needs the network, not exercised by the tests
+        import datasets
+        hub_name, subset = HUB[name] if source in (HUB[name][0], "hub") else (source, None)
+        try:
+            rows = [(f"{hub_name}:row {i}", r) for i, r in
+                    enumerate(datasets.load_dataset(hub_name, subset, split="validation"))]
+        except Exception as e:  # the library raises many kinds; one line is enough
+            raise SystemExit(f"error: --{name.replace('_', '-')} {source}: cannot load ({str(e).splitlines()[0]})")
+    items = []
+    for where, r in rows:
+        try:
+            if name == "arc_easy":
+                labels, texts = r["choices"]["label"], r["choices"]["text"]
+                items.append((f"Question: {r['question']}\nAnswer:", [f" {t}" for t in texts],
+                              labels.index(r["answerKey"])))
+            else:
+                answer = int(r["answer"])
+                if not 0 <= answer < len(r["choices"]):
+                    raise ValueError(f"answer {answer} out of range")
+                items.append((f"Question: {r['question']}\nAnswer:", [f" {t}" for t in r["choices"]], answer))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"error: {where}: not a {name} item ({type(e).__name__}: {e})")
+    if not items:
+        raise SystemExit(f"error: {source}: no {name} items")
+    return items
+
+
+def evenly_spaced(items, limit):
+    if not limit or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def choice_rows(tokenizer, items, cutoff):
+    """One (ids, labels) row per (question, choice): the context unscored, the continuation scored;
+    the context keeps its end when the row is longer than cutoff."""
+    rows, owners = [], []
+    for q, (context, choices, _) in enumerate(items):
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        for choice in choices:
+            cont = tokenizer(choice, add_special_tokens=False)["input_ids"][:cutoff - 1]
+            ctx_kept = ctx[max(len(ctx) - (cutoff - len(cont)), 0):]
+            rows.append((ctx_kept + cont, [IGNORE] * len(ctx_kept) + cont))
+            owners.append(q)
+    return rows, owners
+
+
+# ------------------------------------------------------------------------------------------------
+# the measurements
+
+
+def run_batches(policy, rows, pad_id, batch_size, desc):
+    """Scores rows (list of (ids, labels)) in batches: {name: (token_logp list, kl sum, kl tokens, returns)}
+    with per-row response log-likelihoods and returns."""
+    out = {}
+    # longest first, so that batches hold rows of similar length (less padding)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
+        idx = order[start:start + batch_size]
+        ids, mask, labels = pad_rows([rows[i] for i in idx], pad_id)
+        device = next(policy.base.parameters()).device
+        scores, window_labels = policy.score(ids.to(device), mask.to(device), labels.to(device))
+        _, response = next_tokens(window_labels)  # (B, W-1)
+        for name, (token_logp, kl, ret) in scores.items():
+            o = out.setdefault(name, {"logp": [0.0] * len(rows), "ret": [0.0] * len(rows), "kl": 0.0, "tokens": 0})
+            for j, i in enumerate(idx):
+                o["logp"][i], o["ret"][i] = float(token_logp[j].sum()), float(ret[j])
+            o["kl"] += float(kl.sum())
+            o["tokens"] += int(response.sum())
+    return out
+
+
+def pairwise(policy, tokenizer, pairs, cutoff, batch_size):
+    """Held-out pairwise accuracy and mean margin of each policy's own implicit reward."""
+    examples = [e for e in (data.tokenize_pair(tokenizer, p, cutoff) for p in pairs) if e is not None]
+    rows = [(e["chosen_ids"], e["chosen_labels"]) for e in examples] + \
+           [(e["rejected_ids"], e["rejected_labels"]) for e in examples]
+    n = len(examples)
+    result = {}
+    for name, o in run_batches(policy, rows, tokenizer.pad_token_id, batch_size, "pairs").items():
+        margins = [o["ret"][i] - o["ret"][n + i] for i in range(n)]
+        result[name] = {"pairwise_accuracy": sum(m > 0 for m in margins) / n, "margin": sum(margins) / n,
+                        "pairs": n}
+    return result
+
+
+def kl_to_frozen(policy, tokenizer, pairs, cutoff, batch_size):
+    """Mean per-token KL(pi ‖ pi1), teacher-forced on the chosen responses of pairs."""
+    examples = [e for e in (data.tokenize_pair(tokenizer, p, cutoff) for p in pairs) if e is not None]
+    rows = [(e["chosen_ids"], e["chosen_labels"]) for e in examples]
+    out = run_batches(policy, rows, tokenizer.pad_token_id, batch_size, "KL")
+    return {name: {"kl": o["kl"] / max(o["tokens"], 1), "kl_tokens": o["tokens"]} for name, o in out.items()}
+
+
+def multiple_choice(policy, tokenizer, items, cutoff, batch_size, bench):
+    """acc and acc_norm (by continuation bytes) of each policy on the items."""
+    rows, owners = choice_rows(tokenizer, items, cutoff)
+    result = {}
+    for name, o in run_batches(policy, rows, tokenizer.pad_token_id, batch_size, bench).items():
+        scores = {}
+        k = 0
+        for q, (_, choices, _) in enumerate(items):
+            ll = o["logp"][k:k + len(choices)]
+            scores[q] = (ll, [x / len(c.encode("utf-8")) for x, c in zip(ll, choices)])
+            k += len(choices)
+        acc = sum(max(range(len(ll)), key=ll.__getitem__) == items[q][2] for q, (ll, _) in scores.items())
+        acc_norm = sum(max(range(len(ln)), key=ln.__getitem__) == items[q][2] for q, (_, ln) in scores.items())
+        result[name] = {f"{bench}/acc": acc / len(items), f"{bench}/acc_norm": acc_norm / len(items),
+                        f"{bench}/n": len(items)}
+    return result
+
+
+def time_per_pair(run_dir):
+    """Seconds of training steps per preference pair, from a run's metrics.jsonl (pairs_per_s of
+    each step; evaluation and checkpointing not counted). None when the run has no such file."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl" if run_dir.name != "checkpoint" else run_dir.parent / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rates = [json.loads(line).get("pairs_per_s") for line in path.read_text().splitlines() if line.strip()]
+    rates = [r for r in rates if r]
+    return sum(1 / r for r in rates) / len(rates) if rates else None
+
+
+# ------------------------------------------------------------------------------------------------
+# output: JSON, Markdown, picture
+
+COLUMNS = [("pairwise_accuracy", "pairwise acc", "{:.3f}"), ("margin", "margin", "{:.2f}"),
+           ("adherence", "adherence", "{:.3f}"), ("degenerate", "degenerate", "{:.3f}"),
+           ("arc_easy/acc", "ARC-E acc", "{:.3f}"), ("arc_easy/acc_norm", "ARC-E acc_norm", "{:.3f}"),
+           ("mmlu/acc", "MMLU acc", "{:.3f}"), ("mmlu/acc_norm", "MMLU acc_norm", "{:.3f}"),
+           ("kl", "KL(pi‖pi1)/token", "{:.4f}"), ("s_per_pair", "train s/pair", "{:.2f}")]
+
+
+def markdown_table(results):
+    cols = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
+    lines = ["| policy | " + " | ".join(c[1] for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, r in results.items():
+        cells = [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(results, path, preference_key):
+    """Preference (y) against retention (x): benchmark accuracy under the policy, and KL to pi1.
+    Q-Adapter's α0 sweep is a line, DPO / SFT are points, the frozen model is the reference."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib==3.11.2): no picture, the table has the numbers")
+        return None
+    retention = [k for k in ("arc_easy/acc_norm", "mmlu/acc_norm", "kl") if any(k in r for r in results.values())]
+    if not retention:
+        print("no retention measurement to plot against")
+        return None
+    fig, axes = plt.subplots(1, len(retention), figsize=(5 * len(retention), 4), squeeze=False)
+    styles = {"frozen": ("*", "black"), "q-adapter": ("o", "tab:blue"), "dpo": ("s", "tab:red"), "sft": ("^", "tab:green")}
+    for ax, key in zip(axes[0], retention):
+        groups = {}
+        for name, r in results.items():
+            if r.get(key) is None or r.get(preference_key) is None:
+                continue
+            groups.setdefault((r["kind"], r.get("run")), []).append((r.get("alpha0") or 0, r[key], r[preference_key], name))
+        for (kind, _), points in groups.items():
+            points.sort()
+            marker, color = styles.get(kind, ("x", "gray"))
+            xs, ys = [p[1] for p in points], [p[2] for p in points]
+            ax.plot(xs, ys, marker=marker, color=color, linestyle="-" if len(points) > 1 else "",
+                    markersize=12 if kind == "frozen" else 7, label=points[0][3] if len(points) == 1 else
+                    f"{points[0][3].split(' α0=')[0]} (α0 sweep)")
+            if len(points) > 1:
+                for a0, x, y, _ in points:
+                    ax.annotate(f"α0={a0:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel({"kl": "KL(π‖π1) per token (lower: closer to frozen)"}.get(key, f"{key} under the policy"))
+        ax.set_ylabel(preference_key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("learning the preference vs keeping what the frozen model knew")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", action="append", default=[],
+                    help="a train.py or baselines.py output directory (repeatable); the frozen model is "
+                         "always scored beside them")
+    ap.add_argument("--alpha0", type=float, nargs="+", default=None,
+                    help="decode-time α0 values for Q-Adapter checkpoints, each with α̃ = α0 (pi~ ∝ pi1·exp(Q_R/α0)); "
+                         "default: the trained α0 and α̃")
+    ap.add_argument("--pairs", default=None,
+                    help="held-out preference pairs (default: each checkpoint's own test data or split)")
+    ap.add_argument("--kl-data", default=str(HERE / "demo" / "concise_test.jsonl"),
+                    help="pairs whose chosen responses are scored teacher-forced for the KL (default: the demo's "
+                         "held-out prompts, general questions)")
+    ap.add_argument("--arc-easy", default=str(RETENTION / "arc_easy_validation.jsonl"),
+                    help="ARC-Easy: a .jsonl in the HF layout, or allenai/ai2_arc (hub); '' skips it")
+    ap.add_argument("--mmlu", default=str(RETENTION / "mmlu_validation.jsonl"),
+                    help="MMLU: a .jsonl in the HF layout, or cais/mmlu (hub); '' skips it")
+    ap.add_argument("--adherence", action="store_true",
+                    help="generate greedy answers to --prompts and score them with demo/concise.py")
+    ap.add_argument("--prompts", default=str(HERE / "demo" / "concise_test.jsonl"),
+                    help="prompts for --adherence: a preference .jsonl (its prompts)")
+    ap.add_argument("--limit", type=int, default=0,
+                    help="at most N pairs, KL sequences and prompts, N benchmark questions (0: all)")
+    ap.add_argument("--mc-limit", type=int, default=None, help="benchmark questions per benchmark (default --limit)")
+    ap.add_argument("--gen-limit", type=int, default=None, help="prompts for --adherence (default --limit)")
+    ap.add_argument("--cutoff", type=int, default=None, help="tokens per sequence (default: the checkpoint's)")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generated answer at most")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    ap.add_argument("--out", default="results/eval", help="writes OUT.json and OUT.md (and OUT.png with --plot)")
+    ap.add_argument("--plot", action="store_true", help="draw preference against retention into OUT.png (matplotlib)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="dtype of the frozen model (auto: bf16 on a GPU, float32 on a CPU)")
+    ap.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
+    return ap
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if not args.checkpoint:
+        raise SystemExit("error: give at least one --checkpoint DIR (a train.py or baselines.py output)")
+    for flag in ("limit", "mc_limit", "gen_limit", "max_new_tokens", "batch_size", "cutoff"):
+        value = getattr(args, flag)
+        if value is not None and (value < 0 or (value == 0 and flag in ("batch_size", "cutoff", "max_new_tokens"))):
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")
+    if args.alpha0 and any(a <= 0 for a in args.alpha0):
+        raise SystemExit(f"error: --alpha0 values must be positive, got {args.alpha0}")
+    args.mc_limit = args.limit if args.mc_limit is None else args.mc_limit
+    args.gen_limit = args.limit if args.gen_limit is None else args.gen_limit
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    device, dtype, why = M.pick_device(args.device, args.dtype)
+    print(why)
+    benchmarks = {name: evenly_spaced(read_benchmark(name, source), args.mc_limit)
+                  for name, source in (("arc_easy", args.arc_easy), ("mmlu", args.mmlu)) if source}
+    kl_pairs = held_out_pairs(args.kl_data, {}, args.limit) if args.kl_data else []
+    prompts = [p.prompt for p in held_out_pairs(args.prompts, {}, args.gen_limit)] if args.adherence else []
+
+    results, frozen_done = {}, False
+    for run in args.checkpoint:
+        policy, tok = load_policy(run, args.alpha0, device, dtype, args.trust_remote_code)
+        cutoff = args.cutoff or policy.config.get("cutoff", 256)
+        names = policy.names + ([] if frozen_done else ["frozen"])
+        rows = {n: {"kind": "frozen" if n == "frozen" else policy.kind, "run": None if n == "frozen" else run}
+                for n in names}
+        if isinstance(policy, QAdapterPolicy):
+            for (a0, at), n in zip(policy.alphas, policy.names):
+                rows[n].update(alpha0=a0, alpha_tilde=at)
+        rows[policy.names[0]]["s_per_pair"] = time_per_pair(run)
+        if len(policy.names) > 1:
+            for n in policy.names[1:]:
+                rows[n]["s_per_pair"] = rows[policy.names[0]]["s_per_pair"]
+        print(f"{run}: {policy.kind}, scoring {', '.join(names)}")
+
+        def merge(measured):
+            for n, values in measured.items():
+                if n in rows:
+                    rows[n].update(values)
+
+        pairs = held_out_pairs(args.pairs, policy.config, args.limit)
+        merge(pairwise(policy, tok, pairs, cutoff, args.batch_size))
+        if kl_pairs:
+            merge(kl_to_frozen(policy, tok, kl_pairs, cutoff, args.batch_size))
+        for bench, items in benchmarks.items():
+            merge(multiple_choice(policy, tok, items, cutoff, args.batch_size, bench))
+        if prompts:
+            from demo.concise import adherence
+            answers = policy.generate(tok, prompts, args.max_new_tokens, args.batch_size)
+            if not frozen_done:
+                answers["frozen"] = frozen_generate(policy, tok, prompts, args.max_new_tokens, args.batch_size)
+            for n, a in answers.items():
+                rows[n].update(adherence(*zip(*a)))
+                rows[n]["answers"] = [{"prompt": p[-1]["content"], "answer": t, "finished": f}
+                                      for p, (t, f) in zip(prompts, a)]
+        if not frozen_done:  # the frozen row goes first; its pairwise numbers are on this run's pairs
+            results = {"frozen": rows.pop("frozen"), **results}
+            frozen_done = True
+        results.update(rows)
+        del policy
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items()}
+    settings["wall_time_s"] = round(time.time() - t_start, 1)
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=2,
+                                                   ensure_ascii=False))
+    table = markdown_table(results)
+    out.with_suffix(".md").write_text(table)
+    print("\n" + table)
+    written = [out.with_suffix(".json"), out.with_suffix(".md")]
+    if args.plot:
+        preference = "adherence" if args.adherence else "pairwise_accuracy"
+        if plot_tradeoff(results, out.with_suffix(".png"), preference):
+            written.append(out.with_suffix(".png"))
+    print(f"wall time {settings['wall_time_s']:.0f} s; wrote {', '.join(map(str, written))}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

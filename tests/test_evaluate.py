@@ -1,0 +1,207 @@
+"""evaluate.py: the evaluation math on tiny models, the benchmark readers and scoring, and a tiny
+end-to-end run over a Q-Adapter and a LoRA checkpoint."""
+import json
+
+import pytest
+import torch
+
+import baselines
+import evaluate as E
+import model as M
+from tests.conftest import SHARED_DATA, separable_pairs, tiny_llama, write_jsonl
+
+ARC_ROWS = [{"id": "q1", "question": "What is 1 + 1?", "choices": {"text": ["two", "seven", "a cat"], "label": ["A", "B", "C"]},
+             "answerKey": "A"},
+            {"id": "q2", "question": "Which is a colour?", "choices": {"text": ["table", "blue"], "label": ["1", "2"]},
+             "answerKey": "2"}]
+MMLU_ROWS = [{"question": "Water boils at sea level at", "subject": "physics",
+              "choices": ["100 C", "10 C", "0 C", "1000 C"], "answer": 0}]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval-data")
+    return {"arc": write_jsonl(d / "arc.jsonl", ARC_ROWS), "mmlu": write_jsonl(d / "mmlu.jsonl", MMLU_ROWS),
+            "pairs": write_jsonl(d / "pairs.jsonl", separable_pairs(6, 200)),
+            "train": write_jsonl(d / "train.jsonl", separable_pairs(16))}
+
+
+def q_adapter(tokenizer, alpha0=1.0, alpha_tilde=1.0, zero=True, seed=0):
+    base = tiny_llama(tokenizer, seed)
+    head = M.QHead(M.head_config_for(base, 32, 1, 2))
+    if not zero:
+        torch.manual_seed(seed + 1)
+        torch.nn.init.normal_(head.up.weight, std=0.5)
+    config = {"alpha0": alpha0, "alpha_tilde": alpha_tilde, "gamma": 1.0}
+    return M.QAdapter(base, head.eval()), config
+
+
+def test_readers_take_the_hugging_face_layouts(files):
+    arc = E.read_benchmark("arc_easy", files["arc"])
+    assert arc[0] == ("Question: What is 1 + 1?\nAnswer:", [" two", " seven", " a cat"], 0)
+    assert arc[1][2] == 1  # answerKey "2" is the second label
+    mmlu = E.read_benchmark("mmlu", files["mmlu"])
+    assert mmlu == [("Question: Water boils at sea level at\nAnswer:", [" 100 C", " 10 C", " 0 C", " 1000 C"], 0)]
+    assert E.evenly_spaced(list(range(10)), 3) == [0, 3, 6]
+
+
+def test_a_bad_benchmark_row_is_named(tmp_path):
+    bad = write_jsonl(tmp_path / "arc.jsonl", [ARC_ROWS[0], {"question": "x", "choices": {"text": ["a"], "label": ["A"]},
+                                                             "answerKey": "Z"}])
+    with pytest.raises(SystemExit, match=r"error: arc.jsonl:2: not a arc_easy item"):
+        E.read_benchmark("arc_easy", bad)
+    with pytest.raises(SystemExit, match="no such file"):
+        E.read_benchmark("mmlu", str(tmp_path / "missing.jsonl"))
+
+
+def test_choice_rows_score_only_the_continuation(tokenizer):
+    rows, owners = E.choice_rows(tokenizer, [("Question: Hi?\nAnswer:", [" yes", " no way"], 0)], 64)
+    assert owners == [0, 0]
+    for (ids, labels), choice in zip(rows, [" yes", " no way"]):
+        scored = [t for t, l in zip(ids, labels) if l != -100]
+        assert tokenizer.decode(scored) == choice
+        assert tokenizer.decode(ids) == "Question: Hi?\nAnswer:" + choice
+
+
+class ConstantPolicy(E.FrozenPolicy):
+    """log pi = −1 nat for every response token: the log-likelihood of a choice is −(its tokens)."""
+
+    def __init__(self):
+        self.base, self.names, self.kind, self.name = torch.nn.Linear(1, 1), [], "frozen", "constant"
+
+    def _score(self, ids, mask, states, labels):
+        token_logp = -(labels[:, 1:] != -100).float()  # (B, W-1)
+        return {"frozen": (token_logp, torch.zeros_like(token_logp), token_logp.sum(-1))}
+
+
+def test_acc_and_acc_norm_by_hand(tokenizer):
+    """acc picks the largest summed log-likelihood, acc_norm the largest per UTF-8 byte."""
+    long = " internationalization"
+    n_long = len(tokenizer(long, add_special_tokens=False)["input_ids"])
+    assert n_long > 1 and len(tokenizer(" a", add_special_tokens=False)["input_ids"]) == 1
+    # " a": −1 over 2 bytes = −0.5 per byte; long: −n over 21 bytes, better per byte
+    items = [("Question: q\nAnswer:", [" a", long], 1)]
+    r = E.multiple_choice(ConstantPolicy(), tokenizer, items, 64, 8, "b")["frozen"]
+    assert r["b/acc"] == 0.0 and r["b/acc_norm"] == 1.0
+
+
+def test_a_known_answer_is_scored_right():
+    """The embedded SmolLM2 picks the obvious answer, by both acc and acc_norm."""
+    base, tok = M.load_base(M.EMBEDDED)
+    items = [("Question: What colour is the sky on a clear day?\nAnswer:", [" green", " blue", " loud", " seventeen"], 1),
+             ("Question: How many legs does a dog have?\nAnswer:", [" four", " nine", " purple", " none"], 0)]
+    r = E.multiple_choice(E.FrozenPolicy(base), tok, items, 64, 8, "known")["frozen"]
+    assert r["known/acc"] == 1.0 and r["known/acc_norm"] == 1.0
+
+
+def test_policy_identical_to_the_frozen_model_has_kl_0_and_the_same_scores(tokenizer, files):
+    """A zero head with α0 = α̃ (and α0 = α̃ = 3 in a decode-time sweep: pi~ ∝ pi1·exp(0/3)) is pi1."""
+    adapter, config = q_adapter(tokenizer)
+    policy = E.QAdapterPolicy(adapter, config, [(1.0, 1.0), (3.0, 3.0)], "qa")
+    items = E.read_benchmark("arc_easy", files["arc"]) + E.read_benchmark("mmlu", files["mmlu"])
+    mc = E.multiple_choice(policy, tokenizer, items, 64, 3, "mc")
+    frozen = E.multiple_choice(E.FrozenPolicy(adapter.base), tokenizer, items, 64, 5, "mc")["frozen"]
+    for name in ("qa α0=1", "qa α0=3", "frozen"):
+        assert mc[name] == frozen
+    pairs = E.held_out_pairs(files["pairs"], {}, 0)
+    kl = E.kl_to_frozen(policy, tokenizer, pairs, 64, 4)
+    assert kl["qa α0=1"]["kl"] == pytest.approx(0.0, abs=1e-6) and kl["qa α0=3"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert kl["frozen"]["kl_tokens"] == kl["qa α0=1"]["kl_tokens"] > 0
+    # the return of a zero head: R(y_w) − R(y_l) = α̃·Δlog pi~ − α0·Δlog pi1 = 0, no preference at all
+    pw = E.pairwise(policy, tokenizer, pairs, 64, 4)
+    assert pw["qa α0=1"]["margin"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_nonzero_head_has_positive_kl_and_its_own_return(tokenizer, files):
+    adapter, config = q_adapter(tokenizer, zero=False)
+    policy = E.QAdapterPolicy(adapter, config, [(1.0, 1.0)], "qa")
+    pairs = E.held_out_pairs(files["pairs"], {}, 0)
+    assert E.kl_to_frozen(policy, tokenizer, pairs, 64, 4)["qa"]["kl"] > 1e-3
+    # the pairwise margin is R(y_w) − R(y_l), computed here from the residual_q functions directly
+    from data import collate, tokenize_pair
+    from residual_q import derived_reward, gather_actions, response_return, soft_value
+    batch = collate([tokenize_pair(tokenizer, p, 64) for p in pairs], tokenizer.pad_token_id)
+    with torch.no_grad():
+        q_r, logp1, _, _, _ = adapter(batch["input_ids"], batch["attention_mask"])
+    labels = batch["labels"]
+    r = response_return(derived_reward(gather_actions(q_r, labels), soft_value(q_r, logp1, 1.0, 1.0), labels, 1.0), labels)
+    margins = r[:len(pairs)] - r[len(pairs):]
+    pw = E.pairwise(policy, tokenizer, pairs, 64, 5)["qa"]
+    assert pw["margin"] == pytest.approx(float(margins.mean()), abs=1e-4)
+    assert pw["pairwise_accuracy"] == pytest.approx(float((margins > 0).float().mean()))
+
+
+def test_lora_policy_at_init_is_the_frozen_model(tokenizer, tiny_path, files):
+    base, _ = M.load_base(tiny_path)
+    args = baselines.parse_args(["--method", "dpo", "--base-model", tiny_path])
+    peft_model = baselines.lora_model(base, args).eval()
+    policy = E.LoraPolicy(peft_model, {"method": "dpo", "dpo_beta": 0.1}, "dpo")
+    pairs = E.held_out_pairs(files["pairs"], {}, 0)
+    kl = E.kl_to_frozen(policy, tokenizer, pairs, 64, 4)
+    assert kl["dpo"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    mc = E.multiple_choice(policy, tokenizer, E.read_benchmark("arc_easy", files["arc"]), 64, 4, "arc")
+    assert mc["dpo"] == mc["frozen"]
+    assert E.pairwise(policy, tokenizer, pairs, 64, 4)["dpo"]["margin"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_end_to_end_over_both_kinds_of_checkpoint(tokenizer, tiny_path, files, tmp_path):
+    # a Q-Adapter checkpoint with a nonzero head, saved as train.py saves it
+    adapter, _ = q_adapter(tokenizer, zero=False)
+    qa_dir = tmp_path / "qa" / "checkpoint"
+    qa_dir.mkdir(parents=True)
+    M.save_adapter(qa_dir, adapter.head, {"base_model": tiny_path, "alpha0": 1.0, "alpha_tilde": 1.0, "gamma": 1.0,
+                                          "cutoff": 64, "data": files["train"], "test_data": files["pairs"]})
+    write_jsonl(tmp_path / "qa" / "metrics.jsonl", [{"step": 1, "pairs_per_s": 4.0}, {"step": 2, "pairs_per_s": 2.0}])
+    baselines.main(["--method", "sft", "--base-model", tiny_path, "--data", files["train"], "--test-data",
+                    files["pairs"], "--out-dir", str(tmp_path / "sft"), "--cutoff", "64", "--samples", "0",
+                    "--max-steps", "1", "--device", "cpu", "--lr", "1e-2"])
+    out = tmp_path / "res" / "eval"
+    results = E.main(["--checkpoint", str(tmp_path / "qa"), "--checkpoint", str(tmp_path / "sft"),
+                      "--alpha0", "1", "4", "--arc-easy", files["arc"], "--mmlu", files["mmlu"],
+                      "--kl-data", files["pairs"], "--adherence", "--prompts", files["pairs"], "--limit", "3",
+                      "--max-new-tokens", "3", "--out", str(out), "--plot", "--device", "cpu"])
+    assert list(results) == ["frozen", "qa α0=1", "qa α0=4", "sft"]
+    assert results["frozen"]["kl"] == 0.0 and results["frozen"]["kind"] == "frozen"
+    assert results["qa α0=1"]["kl"] > results["qa α0=4"]["kl"] > 0  # a larger α0 keeps closer to pi1
+    assert results["qa α0=1"]["s_per_pair"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+    for name, r in results.items():
+        for key in ("pairwise_accuracy", "margin", "arc_easy/acc", "arc_easy/acc_norm", "mmlu/acc",
+                    "mmlu/acc_norm", "kl", "adherence", "degenerate"):
+            assert key in r, (name, key)
+        assert r["pairs"] == 3 and r["arc_easy/n"] == 2 and r["mmlu/n"] == 1 and len(r["answers"]) == 3
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["results"]["sft"]["kind"] == "sft" and saved["settings"]["limit"] == 3
+    table = out.with_suffix(".md").read_text()
+    assert table.splitlines()[0].startswith("| policy | pairwise acc") and "| qa α0=4 |" in table
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert E.plot_tradeoff({"frozen": {"kind": "frozen", "kl": 0.0, "adherence": 0.1}}, tmp_path / "x.png", "adherence") is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_bad_arguments_fail_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="error: give at least one --checkpoint"):
+        E.parse_args([])
+    with pytest.raises(SystemExit, match="error: --alpha0"):
+        E.parse_args(["--checkpoint", "x", "--alpha0", "0"])
+    with pytest.raises(SystemExit, match="not a train.py or baselines.py output"):
+        E.load_policy(tmp_path, None, "cpu", torch.float32)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "retention").is_dir(), reason="../shared/data/retention is not on this machine")
+def test_the_shared_retention_files_read_whole():
+    arc = E.read_benchmark("arc_easy", str(SHARED_DATA / "retention" / "arc_easy_validation.jsonl"))
+    mmlu = E.read_benchmark("mmlu", str(SHARED_DATA / "retention" / "mmlu_validation.jsonl"))
+    assert len(arc) == 570 and len(mmlu) == 1531
+    assert all(0 <= answer < len(choices) for _, choices, answer in arc + mmlu)
