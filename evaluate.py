@@ -84,16 +84,18 @@ class FrozenPolicy:
         return torch.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
-    def score(self, ids, mask, labels):
+    def score(self, ids, mask, labels, with_frozen=True):
         """ids, mask, labels: (B, T), right-padded. Returns {policy name: (token_logp, kl, ret)} with
-        token_logp, kl (B, W-1) and ret (B,) the policy's implicit return, and "frozen" for pi1."""
+        token_logp, kl (B, W-1) and ret (B,) the policy's implicit return, and "frozen" for pi1.
+        with_frozen=False lets a policy skip what needs pi1 (a LoRA model's second pass): its kl
+        and ret are then zeros, and "frozen" may be missing."""
         n = int(mask.sum(-1).max())  # columns that are padding in every row are skipped
         ids, mask, labels = ids[:, :n], mask[:, :n], labels[:, :n]
         states, window_labels = scored_states(labels)  # (B, W)
-        out = self._score(ids, mask, states, window_labels)
+        out = self._score(ids, mask, states, window_labels, with_frozen)
         return out, window_labels
 
-    def _score(self, ids, mask, states, labels):
+    def _score(self, ids, mask, states, labels, with_frozen=True):
         logp1 = self.window_logp1(ids, mask, states)  # (B, W, V)
         token_logp, kl = token_stats(logp1, logp1, labels)
         return {"frozen": (token_logp, kl, token_logp.sum(-1))}
@@ -112,7 +114,7 @@ class QAdapterPolicy(FrozenPolicy):
         trained = (alpha0, alpha_tilde) == (self.config["alpha0"], self.config["alpha_tilde"])
         return self.name if trained and len(self.alphas) == 1 else f"{self.name} α0={alpha0:g}"
 
-    def _score(self, ids, mask, states, labels):
+    def _score(self, ids, mask, states, labels, with_frozen=True):
         q_r, logp1, _, _, _ = self.adapter(ids, mask, states)  # (B, W, V) each
         token_logp1, _ = token_stats(logp1, logp1, labels)
         out = {"frozen": (token_logp1, torch.zeros_like(token_logp1), token_logp1.sum(-1))}
@@ -139,8 +141,11 @@ class LoraPolicy(FrozenPolicy):
         self.base = peft_model.get_base_model()
         self.names = [name]
 
-    def _score(self, ids, mask, states, labels):
+    def _score(self, ids, mask, states, labels, with_frozen=True):
         logp = self.window_logp1(ids, mask, states)  # (B, W, V) with the adapter: pi
+        if not with_frozen:  # the benchmarks need log pi only
+            token_logp = gather_actions(logp, labels)
+            return {self.name: (token_logp, torch.zeros_like(token_logp), torch.zeros_like(token_logp[:, 0]))}
         with self.peft_model.disable_adapter():
             logp1 = self.window_logp1(ids, mask, states)  # (B, W, V) without: pi1
         token_logp, kl = token_stats(logp, logp1, labels)
@@ -289,7 +294,7 @@ def choice_rows(tokenizer, items, cutoff):
 # the measurements
 
 
-def run_batches(policy, rows, pad_id, batch_size, desc):
+def run_batches(policy, rows, pad_id, batch_size, desc, with_frozen=True):
     """Scores rows (list of (ids, labels)) in batches: {name: (token_logp list, kl sum, kl tokens, returns)}
     with per-row response log-likelihoods and returns."""
     out = {}
@@ -299,7 +304,7 @@ def run_batches(policy, rows, pad_id, batch_size, desc):
         idx = order[start:start + batch_size]
         ids, mask, labels = pad_rows([rows[i] for i in idx], pad_id)
         device = next(policy.base.parameters()).device
-        scores, window_labels = policy.score(ids.to(device), mask.to(device), labels.to(device))
+        scores, window_labels = policy.score(ids.to(device), mask.to(device), labels.to(device), with_frozen)
         _, response = next_tokens(window_labels)  # (B, W-1)
         for name, (token_logp, kl, ret) in scores.items():
             o = out.setdefault(name, {"logp": [0.0] * len(rows), "ret": [0.0] * len(rows), "kl": 0.0, "tokens": 0})
@@ -332,11 +337,11 @@ def kl_to_frozen(policy, tokenizer, pairs, cutoff, batch_size):
     return {name: {"kl": o["kl"] / max(o["tokens"], 1), "kl_tokens": o["tokens"]} for name, o in out.items()}
 
 
-def multiple_choice(policy, tokenizer, items, cutoff, batch_size, bench):
-    """acc and acc_norm (by continuation bytes) of each policy on the items."""
-    rows, owners = choice_rows(tokenizer, items, cutoff)
+def multiple_choice(policy, tokenizer, items, cutoff, batch_size, bench, with_frozen=True):
+    """acc and acc_norm (by continuation bytes) of each policy (and of pi1 unless with_frozen=False)."""
+    rows, _ = choice_rows(tokenizer, items, cutoff)
     result = {}
-    for name, o in run_batches(policy, rows, tokenizer.pad_token_id, batch_size, bench).items():
+    for name, o in run_batches(policy, rows, tokenizer.pad_token_id, batch_size, bench, with_frozen).items():
         scores = {}
         k = 0
         for q, (_, choices, _) in enumerate(items):
@@ -515,7 +520,7 @@ def main(argv=None):
         if kl_pairs:
             merge(kl_to_frozen(policy, tok, kl_pairs, cutoff, args.batch_size))
         for bench, items in benchmarks.items():
-            merge(multiple_choice(policy, tok, items, cutoff, args.batch_size, bench))
+            merge(multiple_choice(policy, tok, items, cutoff, args.batch_size, bench, with_frozen=not frozen_done))
         if prompts:
             from demo.concise import adherence
             answers = policy.generate(tok, prompts, args.max_new_tokens, args.batch_size)

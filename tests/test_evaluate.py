@@ -69,7 +69,7 @@ class ConstantPolicy(E.FrozenPolicy):
     def __init__(self):
         self.base, self.names, self.kind, self.name = torch.nn.Linear(1, 1), [], "frozen", "constant"
 
-    def _score(self, ids, mask, states, labels):
+    def _score(self, ids, mask, states, labels, with_frozen=True):
         token_logp = -(labels[:, 1:] != -100).float()  # (B, W-1)
         return {"frozen": (token_logp, torch.zeros_like(token_logp), token_logp.sum(-1))}
 
@@ -141,6 +141,8 @@ def test_lora_policy_at_init_is_the_frozen_model(tokenizer, tiny_path, files):
     assert kl["dpo"]["kl"] == pytest.approx(0.0, abs=1e-6)
     mc = E.multiple_choice(policy, tokenizer, E.read_benchmark("arc_easy", files["arc"]), 64, 4, "arc")
     assert mc["dpo"] == mc["frozen"]
+    alone = E.multiple_choice(policy, tokenizer, E.read_benchmark("arc_easy", files["arc"]), 64, 4, "arc", False)
+    assert alone == {"dpo": mc["dpo"]}  # without the adapter-disabled pass
     assert E.pairwise(policy, tokenizer, pairs, 64, 4)["dpo"]["margin"] == pytest.approx(0.0, abs=1e-5)
 
 
