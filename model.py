@@ -94,22 +94,40 @@ def _embedded_path():
     return target
 
 
+def _model_path(name):
+    """The folder or hub name to load `name` from; a path that does not exist is an error here,
+    not a hub lookup that fails later with a confusing message."""
+    if name == EMBEDDED:
+        return _embedded_path()
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise SystemExit(f"error: base model {name!r}: no such folder")
+    return name
+
+
 def load_tokenizer(name=EMBEDDED, trust_remote_code=False):
-    path = _embedded_path() if name == EMBEDDED else name
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    path = _model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the tokenizer of {name!r}: {str(e).splitlines()[0]}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out everywhere; the id only fills space
     return tok
 
 
-def load_base(name=EMBEDDED, device="cpu", dtype=torch.float32, trust_remote_code=False):
-    """The frozen pi1: eval mode, no gradients, never modified. Returns (model, tokenizer)."""
-    path = _embedded_path() if name == EMBEDDED else name
+def load_base(name=EMBEDDED, device="cpu", dtype=torch.float32, trust_remote_code=False, device_map=None):
+    """The frozen pi1: eval mode, no gradients, never modified. Returns (model, tokenizer).
+    device_map ("auto"): spread the layers over all visible GPUs (accelerate) instead of `device`,
+    for a model too large for one; it only runs forward, so nothing else changes."""
+    path = _model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     device_map=device_map)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load base model {name!r}: {str(e).splitlines()[0]}")
-    model.to(device).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return model, load_tokenizer(name, trust_remote_code)
 
 
@@ -182,6 +200,52 @@ def pick(x, states):
     return x.gather(1, states.view(*states.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
 
 
+# the vocabulary-sized part, a chunk of states at a time
+
+LOGIT_CHUNK = 2**24  # elements of one (states, V) chunk of logits: 64 MB in float32
+
+
+def _logsumexp_chunks(x, weight, tau, with_grad):
+    """lse (N,) = logsumexp_v((W·x)_v / τ) of x (N, D) through weight W (V, D), chunk by chunk;
+    with_grad also returns d lse / dx = softmax(W·x / τ)·W / τ (N, D), else None."""
+    rows = max(1, LOGIT_CHUNK // weight.shape[0])
+    lse = x.new_empty(x.shape[0])  # (N,)
+    grad = torch.empty_like(x) if with_grad else None  # (N, D)
+    for i in range(0, x.shape[0], rows):
+        logits = F.linear(x[i:i + rows].to(weight.dtype), weight).float() / tau  # (n, V)
+        lse[i:i + rows] = torch.logsumexp(logits, dim=-1)
+        if with_grad:
+            probs = torch.exp(logits.sub_(lse[i:i + rows, None]))  # (n, V) softmax, in place of the logits
+            grad[i:i + rows] = (probs.to(weight.dtype) @ weight).float() / tau  # (n, D)
+    return lse, grad
+
+
+class _ProjectedLogsumexp(torch.autograd.Function):
+    """The gradient is computed in the forward pass, chunk by chunk, while each chunk's softmax is
+    at hand, so the backward pass only scales it: the (N, V) softmax is never stored whole, and
+    the cost is the same two V × D products per state that autograd would spend."""
+
+    @staticmethod
+    def forward(ctx, x, weight, tau):
+        lse, grad = _logsumexp_chunks(x, weight, tau, with_grad=True)
+        ctx.save_for_backward(grad)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        (grad,) = ctx.saved_tensors
+        return grad_lse[:, None] * grad, None, None
+
+
+def projected_logsumexp(x, weight, tau=1.0):
+    """logsumexp over the vocabulary of W_out·x / τ, x: (N, D) float32 -> (N,), without an (N, V)
+    tensor: log Z1 = projected_logsumexp(h), and V(s) = α̃·projected_logsumexp(u + α0·h, α̃) − α0·log Z1."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ProjectedLogsumexp.apply(x, weight, tau)
+    with torch.no_grad():
+        return _logsumexp_chunks(x, weight, tau, with_grad=False)[0]
+
+
 class QAdapter(nn.Module):
     """The frozen base and the trainable head: Q_R and log pi1 over the vocabulary."""
 
@@ -201,6 +265,23 @@ class QAdapter(nn.Module):
     def project(self, x):
         """(…, D) -> (…, V) through the frozen output layer, in float32."""
         return F.linear(x.to(self.out_weight.dtype), self.out_weight).float()
+
+    @torch.no_grad()
+    def next_logits(self, input_ids, attention_mask, position_ids, base_cache, head_cache=None,
+                    alpha0=1.0, alpha_tilde=1.0):
+        """Decoding: the logits of pi~ at the newest position, (B, V), with one V × D projection:
+
+            (Q_R + α0·log pi1) / α̃ = W_out·(u + α0·h) / α̃ − α0·log Z1 / α̃
+
+        and the last term is one constant per state, which the softmax removes, so it is never
+        computed. head_cache None decodes pi1 alone (the head is not run): logits W_out·h. Both
+        caches are filled in place; input_ids (B, t) are the tokens not yet in them."""
+        hidden, base_cache = self.hidden(input_ids, attention_mask, position_ids, base_cache)  # (B, t, D)
+        x = hidden[:, -1].float()  # (B, D)
+        if head_cache is not None:
+            u, head_cache = self.head(hidden.float(), attention_mask, position_ids, head_cache)  # (B, t, D)
+            x = (u[:, -1] + alpha0 * x) / alpha_tilde
+        return self.project(x), base_cache, head_cache  # (B, V)
 
     def forward(self, input_ids, attention_mask, states=None, hidden=None, position_ids=None,
                 base_cache=None, head_cache=None, with_head=True):
@@ -236,7 +317,8 @@ class QAdapter(nn.Module):
             V(s)           = α̃·logsumexp(W_out·(u + α0·h) / α̃) − α0·log Z1(s)
 
         the last being residual_q.soft_value with Q_R + α0·log pi1 combined before the projection,
-        so one (N, V) projection carries gradients, over the N valid states only. Returns
+        so one projection carries gradients, over the N valid states only, and no (N, V) tensor
+        is ever whole (projected_logsumexp works through chunks of states). Returns
         (q_sa, logp1_sa, v, hidden, logz1): the first three and logz1 (B, W), zero where not valid;
         hidden and logz1 may be passed back in to skip the frozen forward and projection (train.py
         keeps them across epochs)."""
@@ -246,15 +328,14 @@ class QAdapter(nn.Module):
         u, _ = self.head(hidden.float(), attention_mask, position_ids)  # (B, T, D)
         h_s, u_s = pick(hidden, states)[valid].float(), pick(u, states)[valid]  # (N, D)
         if logz1 is None:
-            with torch.no_grad():
-                logz1 = valid.new_zeros(valid.shape, dtype=torch.float32)  # (B, W)
-                logz1[valid] = torch.logsumexp(self.project(h_s), dim=-1)
+            logz1 = valid.new_zeros(valid.shape, dtype=torch.float32)  # (B, W)
+            logz1[valid] = projected_logsumexp(h_s, self.out_weight)  # log Z1, no gradient
         z1 = logz1[valid]  # (N,)
         w_a = self.out_weight[actions[valid]].float()  # (N, D) output embeddings of the actions
         out = []
         for x in ((w_a * u_s).sum(-1),  # Q_R(s, a)
                   (w_a * h_s).sum(-1) - z1,  # log pi1(a | s)
-                  alpha_tilde * torch.logsumexp(self.project(u_s + alpha0 * h_s) / alpha_tilde, dim=-1) - alpha0 * z1):
+                  alpha_tilde * projected_logsumexp(u_s + alpha0 * h_s, self.out_weight, alpha_tilde) - alpha0 * z1):
             full = x.new_zeros(valid.shape)  # (B, W)
             full[valid] = x
             out.append(full)
@@ -306,6 +387,12 @@ def load_adapter(directory, device="cpu", dtype=torch.float32, base=None, tokeni
         raise SystemExit(f"error: {directory / CONFIG_FILE}: unreadable checkpoint config ({e})")
     if base is None:
         base, tokenizer = load_base(base_name, device, dtype, trust_remote_code)
+    # a head fits only the base it was trained on: same hidden width, same vocabulary
+    trained_on = (head_cfg.base_hidden, config.get("base_vocab_size"))
+    given = (base.config.hidden_size, base.get_output_embeddings().weight.shape[0])
+    if trained_on[0] != given[0] or trained_on[1] not in (None, given[1]):
+        raise SystemExit(f"error: {directory}: trained on {base_name} (hidden size {trained_on[0]}, vocabulary "
+                         f"{trained_on[1]}), not on a model with hidden size {given[0]}, vocabulary {given[1]}")
     head = QHead(head_cfg).to(device)
     try:
         state = load_file(directory / HEAD_FILE, device=str(device))

@@ -17,8 +17,9 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
+import cli
+import data
 import model as M
-from residual_q import customised_logits
 
 
 def pick_next(logits, temperature, top_k, top_p, generator):
@@ -46,18 +47,19 @@ def stop_ids(tokenizer, base):
 
 @torch.no_grad()
 def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max_new_tokens=128,
-             temperature=0.0, top_k=0, top_p=1.0, seed=0, frozen_only=False):
+             temperature=0.0, top_k=0, top_p=1.0, seed=0, frozen_only=False, stop_at_eos=True):
     """conversations: list of message lists. Returns a list of (answer text, finished at EOS).
 
-    frozen_only decodes pi1 alone (the head is not run). log pi1 is normalised here although its
-    normaliser is one constant per state and would cancel in the softmax."""
+    Each step projects u + α0·h once (QAdapter.next_logits): log pi1's normaliser is one constant
+    per state and cancels in the softmax, so it is never computed. frozen_only decodes pi1 alone
+    (the head is not run). stop_at_eos=False always decodes max_new_tokens (bench.py times it)."""
     device = adapter.out_weight.device
     tokenizer.padding_side = "left"
     enc = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
                                         return_tensors="pt", return_dict=True)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T)
     B = ids.shape[0]
-    stops = torch.tensor(stop_ids(tokenizer, adapter.base), device=device)
+    stops = torch.tensor(stop_ids(tokenizer, adapter.base) if stop_at_eos else [], dtype=torch.long, device=device)
     base_cache = DynamicCache(config=adapter.base.config)
     head_cache = None if frozen_only else DynamicCache(config=adapter.head.blocks.config)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -65,12 +67,8 @@ def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids, step_pos = ids, M.positions(mask)
     for _ in range(max_new_tokens):
-        last = torch.full((B, 1), step_ids.shape[1] - 1, device=device)  # (B, 1) the newest state
-        q_r, logp1, _, base_cache, head_cache = adapter(step_ids, mask, last, position_ids=step_pos,
-                                                        base_cache=base_cache, head_cache=head_cache,
-                                                        with_head=not frozen_only)
-        logp1 = logp1[:, -1]  # (B, V)
-        logits = logp1 if frozen_only else customised_logits(q_r[:, -1], logp1, alpha0, alpha_tilde)
+        logits, base_cache, head_cache = adapter.next_logits(step_ids, mask, step_pos, base_cache, head_cache,
+                                                             alpha0, alpha_tilde)  # (B, V)
         nxt = pick_next(logits, temperature, top_k, top_p, generator)  # (B,)
         nxt = nxt.masked_fill(done, tokenizer.pad_token_id)
         out = torch.cat([out, nxt[:, None]], dim=1)
@@ -100,18 +98,22 @@ def read_prompts(args):
         path = Path(args.prompts_file)
         if not path.exists():
             raise SystemExit(f"error: --prompts-file {path}: no such file")
-        if path.suffix == ".jsonl":  # a preference file: take each pair's prompt
-            import data
-            prompts += [p.prompt for p in data.load_pairs(str(path))]
-        else:
-            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            if path.suffix in data.FILE_FORMATS:  # a preference file: take each pair's prompt
+                prompts += [p.prompt for p in data.load_pairs(str(path))]
+            else:
+                prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except data.DataError as e:
+            raise SystemExit(f"error: --prompts-file {e}")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: --prompts-file {path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})")
     if not prompts:
         raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts-file FILE")
     return [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a train.py output directory (or its checkpoint/)")
     ap.add_argument("--prompt", action="append", default=[], help="a user message; repeatable")
     ap.add_argument("--prompts-file", help="one prompt per line, or a preference .jsonl (its prompts)")
@@ -132,7 +134,13 @@ def main():
     ap.add_argument("--out", help="write prompts and answers to this JSON file")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     ap.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    cli.check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    cli.check(args.temperature >= 0, f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    cli.check(args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}")
+    cli.check(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
+    cli.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    cli.check(args.alpha0 is None or args.alpha0 >= 0, f"--alpha0 must be >= 0, got {args.alpha0}")
 
     device, dtype, why = M.pick_device(args.device)
     print(why)
@@ -175,4 +183,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
