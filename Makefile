@@ -8,7 +8,7 @@ PY := .venv/bin/python
 	touch $@
 
 demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M, concise answers); prints metrics and samples
-	$(PY) train.py --out-dir runs/demo
+	$(PY) train.py --out-dir runs/demo --overwrite
 
 test: .venv/installed  ## the test suite (a few minutes on 2 CPU cores)
 	$(PY) -m pytest

@@ -11,9 +11,23 @@ the whole Q_R and log pi1 vectors (model.QAdapter.forward) for the KL to the fro
         --data dsp_academy_pairs.jsonl --test-data "" --cutoff 512 \\
         --batch-size 8 --grad-accum 8 --head-width 1024 --lr 3e-4 --out-dir runs/dsp-academy   # one GPU, bf16
     python train.py --out-dir runs/demo --resume      # continue from runs/demo/checkpoint
+    torchrun --standalone --nproc_per_node 4 train.py --batch-size 4 ...      # 4 GPUs, data parallel
+    python train.py --base-model meta-llama/Llama-3.1-70B-Instruct --device-map auto ...   # frozen model over all GPUs
 
 Writes to --out-dir: metrics.jsonl (one JSON record per step and per evaluation), summary.json, and
 checkpoint/ (head.safetensors, config.json, trainer_state.pt), replaced atomically at each save.
+
+Stopping and resuming: Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits
+(130 / 143); `--resume` then continues exactly where the uninterrupted run would have been (head,
+optimizer, schedule, data order and RNG restored), and so it does from the last checkpoint after a
+kill -9 (`--save-every N` saves more often than `--eval-every`). A loss or gradient that is not
+finite stops the run (exit 1) without saving over the last good checkpoint. Bad flags, files and
+checkpoints give one line and exit code 2 (cli.py).
+
+Several processes (torchrun): each holds the whole frozen model and a copy of the head, whose
+gradients DistributedDataParallel averages (gloo on CPUs, NCCL on GPUs). --batch-size is per
+process: an optimiser step sees batch-size x grad-accum x processes pairs, and gives what one
+process with that batch gives. Only rank 0 prints, evaluates, writes metrics and checkpoints.
 """
 import os
 
@@ -403,6 +417,8 @@ def start_processes(device):
         return 0, 1, device
     use_gpu = torch.cuda.is_available() and device != "cpu"
     dist.init_process_group("nccl" if use_gpu else "gloo")
+    if use_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints, writes metrics and saves
     return dist.get_rank(), dist.get_world_size(), f"cuda:{os.environ['LOCAL_RANK']}" if use_gpu else "cpu"
