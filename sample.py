@@ -10,6 +10,7 @@ alone (same loop, same seed) and prints the two answers side by side.
 """
 import argparse
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -178,7 +179,10 @@ def main(argv=None):
             results["concise/frozen"] = adherence(*zip(*frozen))
             print(f"concise adherence, frozen:     {results['concise/frozen']}")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        os.replace(tmp, out)  # a reader never sees half a file
         print(f"wrote {args.out}")
 
 

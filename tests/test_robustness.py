@@ -142,6 +142,15 @@ def test_flag_out_of_range(flags, message, tiny_path, tmp_path, capsys):
     fails_cleanly(capsys, train.main, tiny_args(tiny_path, tmp_path / "unread.jsonl", out, *flags), out, message)
 
 
+def test_device_map_places_the_frozen_model_and_the_head_beside_its_output_layer(tiny_path, tmp_path):
+    """--device-map (for a frozen model spread over GPUs) goes through accelerate; on a CPU-only
+    machine "cpu" is the one map there is, and the run is the same as without it."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(10))
+    plain = train.main(tiny_args(tiny_path, data, tmp_path / "plain", "--max-steps", "2"))
+    mapped = train.main(tiny_args(tiny_path, data, tmp_path / "mapped", "--max-steps", "2", "--device-map", "cpu"))
+    assert mapped["eval/rewards/margins"] == pytest.approx(plain["eval/rewards/margins"], abs=1e-6)
+
+
 def test_base_model_folder_that_does_not_exist(tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(4))
     out = tmp_path / "run"
