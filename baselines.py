@@ -385,7 +385,7 @@ def main(argv=None):
     for s in summary["samples"]:
         print(f"\n### {s['prompt']}\n  frozen:     {s['frozen']}\n  {args.method}: {s['customised']}")
     print(f"\n{'held-out pairs':<34}{len(test_set)}")
-    for key, label in (("eval/rewards/accuracies", f"pairwise accuracy ({args.method.upper()} β·log pi/ref)"),
+    for key, label in (("eval/rewards/accuracies", f"pairwise accuracy ({args.method.upper()})"),
                        ("eval/frozen_logp_accuracy", "  frozen log-prob margin"),
                        ("eval/longer_wins_accuracy", "  the longer answer wins"),
                        ("eval/rewards/margins", "mean implicit-reward margin"),

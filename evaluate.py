@@ -457,7 +457,10 @@ def build_parser():
                     help="at most N pairs, KL sequences and prompts, N benchmark questions (0: all)")
     ap.add_argument("--mc-limit", type=int, default=None, help="benchmark questions per benchmark (default --limit)")
     ap.add_argument("--gen-limit", type=int, default=None, help="prompts for --adherence (default --limit)")
-    ap.add_argument("--cutoff", type=int, default=None, help="tokens per sequence (default: the checkpoint's)")
+    ap.add_argument("--cutoff", type=int, default=None,
+                    help="tokens per pair and KL sequence (default: the checkpoint's cutoff)")
+    ap.add_argument("--mc-cutoff", type=int, default=512,
+                    help="tokens per benchmark question + choice (a longer question keeps its end)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generated answer at most")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     ap.add_argument("--out", default="results/eval", help="writes OUT.json and OUT.md (and OUT.png with --plot)")
@@ -473,9 +476,10 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if not args.checkpoint:
         raise SystemExit("error: give at least one --checkpoint DIR (a train.py or baselines.py output)")
-    for flag in ("limit", "mc_limit", "gen_limit", "max_new_tokens", "batch_size", "cutoff"):
+    for flag in ("limit", "mc_limit", "gen_limit", "max_new_tokens", "batch_size", "cutoff", "mc_cutoff"):
         value = getattr(args, flag)
-        if value is not None and (value < 0 or (value == 0 and flag in ("batch_size", "cutoff", "max_new_tokens"))):
+        if value is not None and (value < 0 or (value == 0 and flag in ("batch_size", "cutoff", "mc_cutoff",
+                                                                         "max_new_tokens"))):
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")
     if args.alpha0 and any(a <= 0 for a in args.alpha0):
         raise SystemExit(f"error: --alpha0 values must be positive, got {args.alpha0}")
@@ -520,7 +524,7 @@ def main(argv=None):
         if kl_pairs:
             merge(kl_to_frozen(policy, tok, kl_pairs, cutoff, args.batch_size))
         for bench, items in benchmarks.items():
-            merge(multiple_choice(policy, tok, items, cutoff, args.batch_size, bench, with_frozen=not frozen_done))
+            merge(multiple_choice(policy, tok, items, args.mc_cutoff, args.batch_size, bench, with_frozen=not frozen_done))
         if prompts:
             from demo.concise import adherence
             answers = policy.generate(tok, prompts, args.max_new_tokens, args.batch_size)
