@@ -5,8 +5,14 @@ the prefix is never re-run. The prompts of a batch are left-padded and decoded t
 sequence stops at its end-of-turn token. `--compare` decodes the same prompts with the frozen model
 alone (same loop, same seed) and prints the two answers side by side.
 
+Several preferences: a head trained with `train.py --base-head` is loaded with the heads below it
+(model.QAdapter.prior); several --checkpoint flags compose independently trained heads with
+--weights (model.WeightedHeads). Either way the frozen model runs once per step, and each head
+keeps its own cache.
+
     python sample.py --checkpoint runs/demo --prompt "Why is the sky blue?" --compare
     python sample.py --checkpoint runs/demo --prompts-file prompts.txt --temperature 0.7 --top-p 0.9
+    python sample.py --checkpoint runs/academy --checkpoint runs/business --weights 0.5 0.5 --prompt "..."
 """
 import argparse
 import json
@@ -62,7 +68,7 @@ def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max
     B = ids.shape[0]
     stops = torch.tensor(stop_ids(tokenizer, adapter.base) if stop_at_eos else [], dtype=torch.long, device=device)
     base_cache = DynamicCache(config=adapter.base.config)
-    head_cache = None if frozen_only else DynamicCache(config=adapter.head.blocks.config)
+    head_cache = None if frozen_only else adapter.new_head_cache()
     generator = torch.Generator(device=device).manual_seed(seed)
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -115,7 +121,12 @@ def read_prompts(args):
 
 def main(argv=None):
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a train.py output directory (or its checkpoint/)")
+    ap.add_argument("--checkpoint", action="append", required=True,
+                    help="a train.py output directory (or its checkpoint/); a head stacked on others brings "
+                         "them along. Repeat to compose heads trained on the same base (see --weights)")
+    ap.add_argument("--weights", type=float, nargs="+", default=None,
+                    help="with several --checkpoint: w_i in pi ∝ exp((Σ w_i·Q_R^i + α0·log pi1)/α̃) "
+                         "(default 1 each; α0 and α̃ are the first checkpoint's)")
     ap.add_argument("--prompt", action="append", default=[], help="a user message; repeatable")
     ap.add_argument("--prompts-file", help="one prompt per line, or a preference .jsonl (its prompts)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0: all)")
@@ -145,7 +156,13 @@ def main(argv=None):
 
     device, dtype, why = M.pick_device(args.device)
     print(why)
-    adapter, tok, config = M.load_adapter(args.checkpoint, device, dtype, trust_remote_code=args.trust_remote_code)
+    if len(args.checkpoint) == 1 and args.weights is None:
+        adapter, tok, config = M.load_adapter(args.checkpoint[0], device, dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        weights = args.weights or [1.0] * len(args.checkpoint)
+        adapter, tok, configs = M.load_composition(args.checkpoint, weights, device, dtype, args.trust_remote_code)
+        config = configs[0]
+        print("composed: " + " + ".join(f"{w:g}·Q_R[{c}]" for w, c in zip(weights, args.checkpoint)))
     alpha0 = config["alpha0"] if args.alpha0 is None else args.alpha0
     conversations = read_prompts(args)[:args.limit or None]
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -71,6 +71,10 @@ def build_parser(description=__doc__):
     a.add_argument("--head-layers", type=int, default=2, help="layers of the Q-head's transformer")
     a.add_argument("--head-heads", type=int, default=4, help="attention heads of the Q-head")
     a.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
+    a.add_argument("--base-head", action="append", default=[], metavar="CHECKPOINT",
+                   help="customise the customised policy of this trained head (stacking): it stays frozen "
+                        "and only the new head trains; the heads it was itself stacked on come along "
+                        "(repeatable, bottom up, to name them explicitly)")
     a = ap.add_argument_group("residual Q-learning")
     a.add_argument("--alpha0", type=float, default=1.0,
                    help="α0 = λ·α1, weight of the frozen model's log pi1 in the customised policy; with a "
@@ -297,8 +301,8 @@ def evaluate(adapter, test_set, cache, args, device, collate):
 # leaves half of one; weights as safetensors, the optimizer's tensors loaded with weights_only=True
 
 # flags a resumed run must share with the checkpoint: the model's shape, and the data order
-RESUME_MUST_MATCH = ("base_model", "head_width", "head_layers", "head_heads", "batch_size", "grad_accum", "seed",
-                     "world_size")
+RESUME_MUST_MATCH = ("base_model", "base_heads", "head_width", "head_layers", "head_heads", "batch_size",
+                     "grad_accum", "seed", "world_size")
 
 
 def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, world):
@@ -306,9 +310,11 @@ def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, worl
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"base_model": args.base_model, "base_vocab_size": adapter.out_weight.shape[0], "world_size": world,
+            "base_heads": args.chain,  # the heads this one is stacked on (model.chain_of)
             **{k: getattr(args, k) for k in
                ("alpha0", "alpha_tilde", "gamma", "beta", "cutoff", "max_prompt", "lr", "epochs", "batch_size",
-                "grad_accum", "seed", "head_width", "head_layers", "head_heads", "data", "test_data")}, **progress}
+                "grad_accum", "seed", "head_width", "head_layers", "head_heads", "data", "test_data", "split",
+                "test_fraction", "train_limit", "eval_limit")}, **progress}
     M.save_adapter(tmp, adapter.head, meta)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), **progress}, tmp / "trainer_state.pt")
@@ -328,10 +334,10 @@ def load_trainer_state(out_dir, adapter, optimizer, scheduler, args, world):
         config = json.loads((ckpt / M.CONFIG_FILE).read_text())
     except (OSError, ValueError):
         config = {}  # load_adapter below says what is wrong with it
-    ours = {**vars(args), "world_size": world}
+    ours = {**vars(args), "world_size": world, "base_heads": args.chain}
     for key in RESUME_MUST_MATCH:  # checked first: another base model is named, not found by its shapes
         if key in config and config[key] != ours[key]:
-            flag = "processes" if key == "world_size" else "--" + key.replace("_", "-")
+            flag = {"world_size": "processes", "base_heads": "--base-head"}.get(key, "--" + key.replace("_", "-"))
             raise SystemExit(f"error: --resume: {ckpt} was trained with {flag} {config[key]}, not {ours[key]}")
     saved, _, _ = M.load_adapter(ckpt, base=adapter.base)  # safetensors only, with clear errors
     adapter.head.load_state_dict(saved.head.state_dict())
@@ -483,11 +489,13 @@ def main(argv=None):
     base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code, args.device_map)
     device = base.get_output_embeddings().weight.device  # where the head lives (not `device` with --device-map)
     head = M.QHead(M.head_config_for(base, args.head_width, args.head_layers, args.head_heads)).to(device)
-    adapter = M.QAdapter(base, head)  # evaluation, sampling and checkpoints use the head itself
-    trained = adapter if world == 1 else M.QAdapter(base, DDP(head))  # the loss: gradients averaged over processes
+    args.chain = M.chain_of(args.base_head, args.base_model)  # stacked on these frozen heads (none: on pi1)
+    below = M.load_chain(args.chain, args.base_model, device)
+    adapter = M.QAdapter(base, head, below)  # evaluation, sampling and checkpoints use the head itself
+    trained = adapter if world == 1 else M.QAdapter(base, DDP(head), below)  # gradients averaged over processes
     n_head, n_base = M.head_parameter_count(head), sum(p.numel() for p in base.parameters())
     print(f"head: {n_head / 1e6:.2f}M trainable parameters, {100 * n_head / n_base:.2f}% of the "
-          f"frozen {n_base / 1e6:.0f}M")
+          f"frozen {n_base / 1e6:.0f}M" + (f"; stacked on {len(below)} frozen head(s)" if below else ""))
 
     collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
     cache = FrozenCache(args.cache_gb, args.cache_disk_gb, out_dir)

@@ -70,7 +70,7 @@ def test_kv_cached_decoding_matches_a_full_forward(tokenizer):
     q_full, lp_full, *_ = adapter(ids, mask)
     split = ids.shape[1] - 4
     pos = M.positions(mask)
-    caches = DynamicCache(config=base.config), DynamicCache(config=adapter.head.blocks.config)
+    caches = DynamicCache(config=base.config), adapter.new_head_cache()
     q0, lp0, _, *caches = adapter(ids[:, :split], mask[:, :split], position_ids=pos[:, :split],
                                   base_cache=caches[0], head_cache=caches[1])
     steps_q, steps_lp = [q0], [lp0]

@@ -1,0 +1,204 @@
+"""Several preferences: stacking a head on a customised policy, and composing heads with weights."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import cli
+import model as M
+import sample
+import train
+from residual_q import customised_logits
+from tests.conftest import separable_pairs, tiny_llama, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_head(base, seed):
+    """A head with a nonzero output layer (a trained head's stand-in)."""
+    torch.manual_seed(seed)
+    head = M.QHead(M.head_config_for(base, 32, 1, 2))
+    torch.nn.init.normal_(head.up.weight, std=0.5)
+    return head.eval()
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    return tiny_llama(tokenizer)
+
+
+def batch(tokenizer):
+    enc = tokenizer(["The cat sat on the mat.", "Hi"], padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def log_policy(adapter, ids, mask, alpha0, alpha_tilde):
+    out = adapter(ids, mask)  # (B, T, V) each
+    return torch.log_softmax(customised_logits(out.q_r, out.logp1, alpha0, alpha_tilde), dim=-1)
+
+
+def test_a_zero_head_on_a_chain_reproduces_the_chain(base, tokenizer):
+    """pi~_ab with Q_R^b = 0 and α0_b = α̃_b is pi~_a exactly, in every path: the full forward, the
+    training scores, and cached decoding."""
+    ids, mask = batch(tokenizer)
+    head_a = random_head(base, 1)
+    a = M.QAdapter(base, head_a)
+    want = log_policy(a, ids, mask, 0.8, 1.3)  # (B, T, V) log pi~_a
+    zero = M.QHead(M.head_config_for(base, 32, 1, 2))
+    ab = M.QAdapter(base, zero, below=[(head_a, 0.8, 1.3)])
+    for alpha in (1.0, 0.5):
+        got = log_policy(ab, ids, mask, alpha, alpha)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # log pi1 as the training loss sees it is log pi~_a
+    states = torch.arange(ids.shape[1]).expand(2, -1)[:, :-1]
+    actions = ids[:, 1:]
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    _, logp1_sa, _, _, _ = ab.scores(ids, mask, states, actions, valid, 0.5, 0.5)
+    expected = want[:, :-1].gather(-1, actions[..., None])[..., 0]
+    torch.testing.assert_close(logp1_sa[valid], expected[valid], rtol=0, atol=1e-5)
+    # decoding one token at a time with the caches of both heads gives the same distribution
+    base_cache, head_cache = DynamicCache(config=base.config), ab.new_head_cache()
+    row = ids[:1, :6]
+    for t in range(row.shape[1]):
+        logits, base_cache, head_cache = ab.next_logits(row[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long),
+                                                        torch.tensor([[t]]), base_cache, head_cache, 0.5, 0.5)
+        torch.testing.assert_close(torch.log_softmax(logits, -1), want[:1, t], rtol=0, atol=1e-4)
+
+
+def test_weighted_heads_add_their_residual_q_functions(base, tokenizer):
+    ids, mask = batch(tokenizer)
+    h1, h2 = random_head(base, 1), random_head(base, 2)
+    q = lambda head: M.QAdapter(base, head)(ids, mask).q_r  # noqa: E731
+    q1, q2 = q(h1), q(h2)
+    torch.testing.assert_close(q(M.WeightedHeads([h1, h2], [0.3, -1.5])), 0.3 * q1 - 1.5 * q2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q(M.WeightedHeads([h1, h2], [1.0, 0.0])), q1, rtol=0, atol=1e-6)
+
+
+def test_composed_decoding_runs_the_frozen_model_once_per_step(base, tokenizer):
+    """Three heads, one frozen forward per token; the cached decoding equals the full forward."""
+    heads = M.WeightedHeads([random_head(base, s) for s in (1, 2, 3)], [0.5, 0.25, 1.0])
+    adapter = M.QAdapter(base, heads)
+    calls = []
+    hook = base.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        answers = sample.generate(adapter, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=5,
+                                  stop_at_eos=False)
+    finally:
+        hook.remove()
+    assert len(calls) == 5 and len(answers) == 1
+    ids, mask = batch(tokenizer)
+    full = log_policy(adapter, ids[:1], mask[:1], 1.0, 1.0)
+    caches = DynamicCache(config=base.config), adapter.new_head_cache()
+    for t in range(4):
+        logits, _, _ = adapter.next_logits(ids[:1, t:t + 1], torch.ones(1, t + 1, dtype=torch.long),
+                                           torch.tensor([[t]]), caches[0], caches[1])
+        torch.testing.assert_close(torch.log_softmax(logits, -1), full[:, t], rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the scripts: train.py --base-head, sample.py with a chain and with several heads
+
+
+def run_args(tiny_path, data, out, *extra):
+    return ["--base-model", tiny_path, "--data", data, "--test-data", "", "--out-dir", str(out),
+            "--head-width", "32", "--head-layers", "1", "--head-heads", "2", "--batch-size", "4",
+            "--cutoff", "64", "--samples", "0", "--device", "cpu", "--lr", "3e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_path, tmp_path_factory):
+    """Head a on the base; head b stacked on a; head c on the base (for composing with a)."""
+    d = tmp_path_factory.mktemp("several")
+    data = write_jsonl(d / "pairs.jsonl", separable_pairs(20))
+    train.main(run_args(tiny_path, data, d / "a", "--epochs", "2"))
+    train.main(run_args(tiny_path, data, d / "b", "--max-steps", "2", "--base-head", str(d / "a"), "--alpha0", "0.5"))
+    train.main(run_args(tiny_path, data, d / "c", "--max-steps", "2", "--seed", "1"))
+    return d, data
+
+
+def test_a_stacked_checkpoint_names_its_chain_and_loads_it(runs):
+    d, _ = runs
+    config = json.loads((d / "b" / "checkpoint" / "config.json").read_text())
+    assert [Path(c["path"]) for c in config["base_heads"]] == [(d / "a" / "checkpoint").resolve()]
+    adapter, _, _ = M.load_adapter(d / "b")
+    assert len(adapter.below) == 1 and adapter.below_alphas == [(1.0, 1.0)]
+    a, _, _ = M.load_adapter(d / "a")
+    torch.testing.assert_close(adapter.below[0].up.weight, a.head.up.weight, rtol=0, atol=0)
+
+
+def test_sample_decodes_a_chain_and_a_composition(runs, tmp_path):
+    d, _ = runs
+    for flags in (["--checkpoint", str(d / "b")],
+                  ["--checkpoint", str(d / "a"), "--checkpoint", str(d / "c"), "--weights", "0.5", "1.5"]):
+        out = tmp_path / "answers.json"
+        cli.run(sample.main, flags + ["--prompt", "Do you like tea?", "--max-new-tokens", "3", "--device", "cpu",
+                                      "--out", str(out)])
+        assert len(json.loads(out.read_text())["answers"]) == 1
+
+
+def test_a_missing_or_changed_link_is_a_clear_error(runs, tmp_path, capsys):
+    d, data = runs
+    for name in ("a", "b"):
+        shutil.copytree(d / name, tmp_path / name)
+    config_path = tmp_path / "b" / "checkpoint" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["base_heads"][0]["path"] = str((tmp_path / "a" / "checkpoint").resolve())
+    config_path.write_text(json.dumps(config))
+    M.load_adapter(tmp_path / "b")  # the copy, pointed at the copied link, loads
+
+    (tmp_path / "a" / "checkpoint" / "head.safetensors").write_bytes(
+        (d / "c" / "checkpoint" / "head.safetensors").read_bytes())  # another head in its place
+    with pytest.raises(SystemExit, match="which has changed since"):
+        M.load_adapter(tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    with pytest.raises(SystemExit, match="which is missing"):
+        M.load_adapter(tmp_path / "b")
+
+
+def test_base_head_flags_must_name_the_real_chain(runs, tiny_path, tmp_path, capsys):
+    d, data = runs
+    # b was trained on a; naming c below b is wrong
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.main, run_args(tiny_path, data, tmp_path / "x", "--base-head", str(d / "c"),
+                                     "--base-head", str(d / "b")))
+    assert e.value.code == 2 and "was not trained on top of it at place 1" in capsys.readouterr().err
+    # naming it right is accepted, and gives a chain of two
+    train.main(run_args(tiny_path, data, tmp_path / "y", "--max-steps", "1", "--base-head", str(d / "a"),
+                        "--base-head", str(d / "b")))
+    config = json.loads((tmp_path / "y" / "checkpoint" / "config.json").read_text())
+    assert len(config["base_heads"]) == 2
+    assert len(M.load_adapter(tmp_path / "y")[0].below) == 2
+
+
+def test_composing_heads_of_different_bases_is_refused(runs, tokenizer, tmp_path, capsys):
+    d, _ = runs
+    other = tmp_path / "other"
+    shutil.copytree(d / "c", other)
+    config = json.loads((other / "checkpoint" / "config.json").read_text())
+    (other / "checkpoint" / "config.json").write_text(json.dumps({**config, "base_model": "someone/else"}))
+    with pytest.raises(SystemExit) as e:
+        cli.run(sample.main, ["--checkpoint", str(d / "a"), "--checkpoint", str(other), "--prompt", "hi",
+                              "--device", "cpu"])
+    assert e.value.code == 2 and "trained on someone/else" in capsys.readouterr().err
+
+
+def test_compose_sweep_script(runs, tmp_path):
+    d, data = runs
+    out = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, str(ROOT / "compose.py"), "--checkpoint", str(d / "a"), "--checkpoint",
+                           str(d / "c"), "--steps", "3", "--out", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.with_suffix(".json").read_text())
+    assert [r["weights"] for r in table["rows"]] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    a_alone, c_alone = table["rows"][0], table["rows"][-1]
+    summary_a = json.loads((d / "a" / "summary.json").read_text())
+    # weight (1, 0) is head a alone: its held-out accuracy is the one train.py measured
+    assert a_alone["a/accuracy"] == pytest.approx(summary_a["eval/rewards/accuracies"])
+    assert a_alone["a/margin"] == pytest.approx(summary_a["eval/rewards/margins"], rel=1e-4)
+    assert "| weights |" in out.with_suffix(".md").read_text()
