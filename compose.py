@@ -1,0 +1,207 @@
+"""Compose heads trained on the same base for different preferences, and sweep their weights.
+
+    pi_w(a|s) ∝ exp((Σ_i w_i·Q_R^i(s,a) + α0·log pi1(a|s)) / α̃)          (model.WeightedHeads)
+
+For two heads the sweep runs w = (1 − t, t) for t from 0 to 1 (--steps values; --weights gives
+any list instead). For each w it measures, on each head's own held-out pairs (rebuilt from its
+checkpoint's config: the same file, split and cutoff train.py used), the pairwise accuracy and
+mean margin of the composed policy's return R (train.evaluate), and the per-token KL(pi_w ‖ pi1)
+on those responses. With --joint (a head trained on both data sets together) it also reports
+KL(pi_w ‖ pi_joint): how far composing separately trained heads is from training on the union,
+which it approximates (model.WeightedHeads says why). With --arc-easy, benchmark accuracy under
+pi_w (evaluate.py's scoring) as a second retention measure.
+
+The frozen model's hidden states are computed once per test set and kept across weights, so each
+extra weight costs only the heads and the vocabulary projection.
+
+    python compose.py --checkpoint runs/academy --checkpoint runs/business --steps 5 \\
+        --joint runs/both --arc-easy ../shared/data/retention/arc_easy_validation.jsonl --out results/compose
+
+Writes OUT.json, OUT.md (a table to paste) and OUT.png (held-out accuracy against the weight, one
+curve per preference; needs matplotlib).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import cli
+import data
+import model as M
+import train
+from residual_q import customised_logits, next_tokens, scored_states
+
+
+def parse_args(argv=None):
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", action="append", required=True,
+                    help="a train.py run trained on the base model (repeat: one per preference)")
+    ap.add_argument("--steps", type=int, default=5, help="two heads: weights (1 − t, t) at this many t in [0, 1]")
+    ap.add_argument("--weights", nargs="+", default=None, metavar="W1,W2,...",
+                    help="the weight vectors to try instead of --steps, e.g. 1,0 0.5,0.5 1,1")
+    ap.add_argument("--joint", default=None, help="a head trained on all the preferences' data at once")
+    ap.add_argument("--limit", type=int, default=0, help="held-out pairs per preference at most (0: all)")
+    ap.add_argument("--arc-easy", default=None, help="ARC-Easy .jsonl (Hugging Face layout): accuracy under pi_w")
+    ap.add_argument("--mc-limit", type=int, default=100, help="ARC-Easy questions (evenly spaced)")
+    ap.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    ap.add_argument("--out", default="results/compose", help="writes OUT.json, OUT.md, OUT.png")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: a GPU if there is one)")
+    args = ap.parse_args(argv)
+    cli.check(len(args.checkpoint) >= 2, "give at least two --checkpoint runs to compose")
+    if args.weights is None:
+        cli.check(len(args.checkpoint) == 2, "--steps sweeps two heads; give --weights for more")
+        cli.check(args.steps >= 2, f"--steps must be >= 2, got {args.steps}")
+        ts = [i / (args.steps - 1) for i in range(args.steps)]
+        args.weights = [[round(1 - t, 6), round(t, 6)] for t in ts]
+    else:
+        try:
+            args.weights = [[float(w) for w in v.split(",")] for v in args.weights]
+        except ValueError:
+            raise SystemExit(f"error: --weights: expected comma-separated numbers, got {args.weights}")
+        cli.check(all(len(v) == len(args.checkpoint) for v in args.weights),
+                  f"--weights: each vector needs {len(args.checkpoint)} numbers")
+    for flag in ("limit", "mc_limit"):
+        cli.check(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0")
+    cli.check(args.batch_size >= 1, "--batch-size must be >= 1")
+    return args
+
+
+def name_of(path):
+    p = Path(path)
+    return p.parent.name if p.name == "checkpoint" else p.name
+
+
+def held_out_set(tok, config, limit):
+    """The held-out pairs train.py evaluated this head on, tokenised the same way."""
+    split = config.get("split", "train")
+    try:
+        if config.get("test_data"):
+            pairs = data.load_pairs(config["test_data"], split)
+        else:
+            _, pairs = data.split_by_prompt(data.load_pairs(config["data"], split),
+                                            config.get("test_fraction", 0.2), config.get("seed", 0))
+        pairs = pairs[:config.get("eval_limit") or None][:limit or None]
+        return data.PairDataset(tok, pairs, config["cutoff"], config.get("max_prompt"))
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+
+
+@torch.no_grad()
+def kl_between(adapter, other, test_set, cache, a, b, batch_size, collate):
+    """Mean per-token KL(pi_a ‖ pi_b) on the held-out responses (chosen and rejected), where
+    a, b = (α0, α̃) of the two adapters (same frozen model, so the hidden states are shared)."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(test_set), batch_size):
+        idx = list(range(start, min(start + batch_size, len(test_set))))
+        batch = collate([test_set[i] for i in idx])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        states, labels = scored_states(batch["labels"])  # (2B, W)
+        rows = [(("test", i), side) for side in ("chosen", "rejected") for i in idx]
+        hidden, _ = cache.get(rows, mask, states.shape[1])
+        out_a = adapter(ids, mask, states, hidden)  # (2B, W, V) each
+        cache.put(rows, out_a.hidden, mask)
+        out_b = other(ids, mask, states, out_a.hidden)
+        logp_a = torch.log_softmax(customised_logits(out_a.q_r, out_a.logp1, *a), dim=-1)  # (2B, W, V)
+        logp_b = torch.log_softmax(customised_logits(out_b.q_r, out_b.logp1, *b), dim=-1)
+        kl = (logp_a.exp() * (logp_a - logp_b)).sum(-1)[:, :-1]  # (2B, W-1) at the states s_t
+        _, response = next_tokens(labels)  # (2B, W-1)
+        total, tokens = total + float((kl * response).sum()), tokens + int(response.sum())
+    return total / max(tokens, 1)
+
+
+def plot(rows, names, frozen, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["weights"][-1] for r in rows]
+    for name in names:
+        line, = ax.plot(x, [r[f"{name}/accuracy"] for r in rows], marker="o", label=f"{name} pairs")
+        ax.axhline(frozen[name], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel(f"weight on {names[-1]} (w = 1 − t, t)" if len(names) == 2 else "weight on the last head")
+    ax.set_ylabel("held-out pairwise accuracy")
+    ax.set_title("composed heads (dotted: the frozen model's log-prob margin)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype, why = M.pick_device(args.device)
+    print(why)
+    names = [name_of(c) for c in args.checkpoint]
+    adapter, tok, configs = M.load_composition(args.checkpoint, args.weights[0], device, dtype)
+    alphas = (configs[0]["alpha0"], configs[0]["alpha_tilde"])
+    eval_args = argparse.Namespace(alpha0=alphas[0], alpha_tilde=alphas[1], gamma=configs[0].get("gamma", 1.0),
+                                   beta=configs[0].get("beta", 0.0), batch_size=args.batch_size)
+    collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
+    tests = {n: held_out_set(tok, c, args.limit) for n, c in zip(names, configs)}
+    caches = {n: train.FrozenCache(8.0) for n in names}  # hidden states kept across the weights
+    joint = joint_alphas = None
+    if args.joint:
+        joint_adapter, _, joint_config = M.load_adapter(args.joint, device, dtype, base=adapter.base, tokenizer=tok)
+        joint, joint_alphas = joint_adapter, (joint_config["alpha0"], joint_config["alpha_tilde"])
+    arc = None
+    if args.arc_easy:
+        import evaluate
+        arc = evaluate.evenly_spaced(evaluate.read_benchmark("arc_easy", args.arc_easy), args.mc_limit)
+
+    rows, frozen = [], {}
+    for weights in tqdm(args.weights, desc="weights"):
+        adapter.head.weights = [float(w) for w in weights]
+        row = {"weights": weights}
+        for n in names:
+            m = train.evaluate(adapter, tests[n], caches[n], eval_args, device, collate)
+            row[f"{n}/accuracy"], row[f"{n}/margin"] = m["eval/rewards/accuracies"], m["eval/rewards/margins"]
+            row[f"{n}/kl_to_frozen"] = m["eval/kl"]
+            frozen[n] = m["eval/frozen_logp_accuracy"]
+            if joint is not None:
+                row[f"{n}/kl_to_joint"] = kl_between(adapter, joint, tests[n], caches[n], alphas, joint_alphas,
+                                                     args.batch_size, collate)
+        if arc is not None:
+            policy = evaluate.QAdapterPolicy(adapter, configs[0], [alphas], "composed")
+            mc = evaluate.multiple_choice(policy, tok, arc, 512, args.batch_size, "arc_easy", with_frozen=True)
+            row["arc_easy/acc"] = mc["composed"]["arc_easy/acc"]
+            frozen["arc_easy/acc"] = mc["frozen"]["arc_easy/acc"]
+        rows.append(row)
+    reference = {}
+    if joint is not None:
+        for n in names:
+            m = train.evaluate(joint, tests[n], caches[n], argparse.Namespace(**{**vars(eval_args), "alpha0": joint_alphas[0],
+                               "alpha_tilde": joint_alphas[1]}), device, collate)
+            reference[f"{n}/accuracy"], reference[f"{n}/kl_to_frozen"] = m["eval/rewards/accuracies"], m["eval/kl"]
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"checkpoints": dict(zip(names, args.checkpoint)), "alpha0": alphas[0], "alpha_tilde": alphas[1],
+              "test_pairs": {n: len(t) for n, t in tests.items()}, "frozen": frozen, "joint": reference or None,
+              "rows": rows}
+    columns = [k for k in rows[0] if k != "weights"]
+    lines = ["| weights | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    for r in rows:
+        lines.append(f"| {', '.join(f'{w:g}' for w in r['weights'])} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |")
+    lines.append("| frozen | " + " | ".join(f"{frozen[c.split('/')[0]]:.3f}" if c.endswith("/accuracy")
+                                           else f"{frozen[c]:.3f}" if c in frozen else "" for c in columns) + " |")
+    if reference:
+        lines.append("| joint head | " + " | ".join(f"{reference[c]:.3f}" if c in reference else "" for c in columns) + " |")
+    table = "\n".join(lines) + "\n"
+    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table)):
+        train.write_atomic(out.with_suffix(suffix), text)
+    png = plot(rows, names, frozen, out.with_suffix(".png"))
+    print("\n" + table)
+    print(f"held-out pairs: {result['test_pairs']}; accuracy of the frozen model's log-prob margin: "
+          + ", ".join(f"{n} {frozen[n]:.3f}" for n in names))
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}" + (f", {png}" if png else ""))
+    return result
+
+
+if __name__ == "__main__":
+    cli.run(main)
