@@ -42,6 +42,9 @@ def parse_args(argv=None):
     ap.add_argument("--weights", nargs="+", default=None, metavar="W1,W2,...",
                     help="the weight vectors to try instead of --steps, e.g. 1,0 0.5,0.5 1,1")
     ap.add_argument("--joint", default=None, help="a head trained on all the preferences' data at once")
+    ap.add_argument("--reference", action="append", default=[],
+                    help="another run (e.g. a head stacked on another with --base-head) evaluated on the same "
+                         "held-out pairs, as one more row (repeatable)")
     ap.add_argument("--limit", type=int, default=0, help="held-out pairs per preference at most (0: all)")
     ap.add_argument("--arc-easy", default=None, help="ARC-Easy .jsonl (Hugging Face layout): accuracy under pi_w")
     ap.add_argument("--mc-limit", type=int, default=100, help="ARC-Easy questions (evenly spaced)")
@@ -172,17 +175,21 @@ def main(argv=None):
             row["arc_easy/acc"] = mc["composed"]["arc_easy/acc"]
             frozen["arc_easy/acc"] = mc["frozen"]["arc_easy/acc"]
         rows.append(row)
-    reference = {}
-    if joint is not None:
+    references = {}  # name -> {column: value}: the joint head and any --reference run, each on every test set
+    for path in ([args.joint] if args.joint else []) + args.reference:
+        other, _, config = M.load_adapter(path, device, dtype, base=adapter.base, tokenizer=tok)
+        other_args = argparse.Namespace(**{**vars(eval_args), "alpha0": config["alpha0"],
+                                           "alpha_tilde": config["alpha_tilde"], "gamma": config.get("gamma", 1.0)})
+        ref = references.setdefault(name_of(path) + (" (joint)" if path == args.joint else ""), {})
         for n in names:
-            m = train.evaluate(joint, tests[n], caches[n], argparse.Namespace(**{**vars(eval_args), "alpha0": joint_alphas[0],
-                               "alpha_tilde": joint_alphas[1]}), device, collate)
-            reference[f"{n}/accuracy"], reference[f"{n}/kl_to_frozen"] = m["eval/rewards/accuracies"], m["eval/kl"]
+            m = train.evaluate(other, tests[n], caches[n], other_args, device, collate)
+            ref[f"{n}/accuracy"], ref[f"{n}/margin"] = m["eval/rewards/accuracies"], m["eval/rewards/margins"]
+            ref[f"{n}/kl_to_frozen"] = m["eval/kl"]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"checkpoints": dict(zip(names, args.checkpoint)), "alpha0": alphas[0], "alpha_tilde": alphas[1],
-              "test_pairs": {n: len(t) for n, t in tests.items()}, "frozen": frozen, "joint": reference or None,
+              "test_pairs": {n: len(t) for n, t in tests.items()}, "frozen": frozen, "references": references,
               "rows": rows}
     columns = [k for k in rows[0] if k != "weights"]
     lines = ["| weights | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
@@ -190,8 +197,8 @@ def main(argv=None):
         lines.append(f"| {', '.join(f'{w:g}' for w in r['weights'])} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |")
     lines.append("| frozen | " + " | ".join(f"{frozen[c.split('/')[0]]:.3f}" if c.endswith("/accuracy")
                                            else f"{frozen[c]:.3f}" if c in frozen else "" for c in columns) + " |")
-    if reference:
-        lines.append("| joint head | " + " | ".join(f"{reference[c]:.3f}" if c in reference else "" for c in columns) + " |")
+    for ref_name, ref in references.items():
+        lines.append(f"| {ref_name} | " + " | ".join(f"{ref[c]:.3f}" if c in ref else "" for c in columns) + " |")
     table = "\n".join(lines) + "\n"
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table)):
         train.write_atomic(out.with_suffix(suffix), text)

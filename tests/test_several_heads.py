@@ -191,7 +191,8 @@ def test_compose_sweep_script(runs, tmp_path):
     d, data = runs
     out = tmp_path / "sweep"
     done = subprocess.run([sys.executable, str(ROOT / "compose.py"), "--checkpoint", str(d / "a"), "--checkpoint",
-                           str(d / "c"), "--steps", "3", "--out", str(out), "--device", "cpu"],
+                           str(d / "c"), "--steps", "3", "--out", str(out), "--device", "cpu", "--joint", str(d / "c"),
+                           "--reference", str(d / "b")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads(out.with_suffix(".json").read_text())
@@ -201,4 +202,8 @@ def test_compose_sweep_script(runs, tmp_path):
     # weight (1, 0) is head a alone: its held-out accuracy is the one train.py measured
     assert a_alone["a/accuracy"] == pytest.approx(summary_a["eval/rewards/accuracies"])
     assert a_alone["a/margin"] == pytest.approx(summary_a["eval/rewards/margins"], rel=1e-4)
+    assert c_alone["c/kl_to_joint"] == pytest.approx(0.0, abs=1e-6)  # (0, 1) is head c, here also "the joint head"
+    assert a_alone["a/kl_to_joint"] > 1e-4
+    assert set(table["references"]) == {"c (joint)", "b"}
+    assert table["references"]["c (joint)"]["c/accuracy"] == c_alone["c/accuracy"]
     assert "| weights |" in out.with_suffix(".md").read_text()
