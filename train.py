@@ -11,23 +11,46 @@ the whole Q_R and log pi1 vectors (model.QAdapter.forward) for the KL to the fro
         --data dsp_academy_pairs.jsonl --test-data "" --cutoff 512 \\
         --batch-size 8 --grad-accum 8 --head-width 1024 --lr 3e-4 --out-dir runs/dsp-academy   # one GPU, bf16
     python train.py --out-dir runs/demo --resume      # continue from runs/demo/checkpoint
+    torchrun --standalone --nproc_per_node 4 train.py --batch-size 4 ...      # 4 GPUs, data parallel
+    python train.py --base-model meta-llama/Llama-3.1-70B-Instruct --device-map auto ...   # frozen model over all GPUs
 
 Writes to --out-dir: metrics.jsonl (one JSON record per step and per evaluation), summary.json, and
 checkpoint/ (head.safetensors, config.json, trainer_state.pt), replaced atomically at each save.
+
+Stopping and resuming: Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits
+(130 / 143); `--resume` then continues exactly where the uninterrupted run would have been (head,
+optimizer, schedule, data order and RNG restored), and so it does from the last checkpoint after a
+kill -9 (`--save-every N` saves more often than `--eval-every`). A loss or gradient that is not
+finite stops the run (exit 1) without saving over the last good checkpoint. Bad flags, files and
+checkpoints give one line and exit code 2 (cli.py).
+
+Several processes (torchrun): each holds the whole frozen model and a copy of the head, whose
+gradients DistributedDataParallel averages (gloo on CPUs, NCCL on GPUs). --batch-size is per
+process: an optimiser step sees batch-size x grad-accum x processes pairs, and gives what one
+process with that batch gives. Only rank 0 prints, evaluates, writes metrics and checkpoints.
 """
+import os
+
+if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 draws progress bars (tqdm reads this on import)
+    os.environ["TQDM_DISABLE"] = "1"
+
 import argparse
 import json
 import math
-import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cli
 import data
 import model as M
 from bt_loss import bt_loss
@@ -40,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 
 def build_parser(description=__doc__):
     """The flags of train.py; baselines.py adds its own to the same parser."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument_group("model")
     a.add_argument("--base-model", default=M.EMBEDDED,
                    help=f"frozen model pi1: a Hugging Face hub name or local path ({M.EMBEDDED}: the embedded default)")
@@ -48,6 +71,10 @@ def build_parser(description=__doc__):
     a.add_argument("--head-layers", type=int, default=2, help="layers of the Q-head's transformer")
     a.add_argument("--head-heads", type=int, default=4, help="attention heads of the Q-head")
     a.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
+    a.add_argument("--base-head", action="append", default=[], metavar="CHECKPOINT",
+                   help="customise the customised policy of this trained head (stacking): it stays frozen "
+                        "and only the new head trains; the heads it was itself stacked on come along "
+                        "(repeatable, bottom up, to name them explicitly)")
     a = ap.add_argument_group("residual Q-learning")
     a.add_argument("--alpha0", type=float, default=1.0,
                    help="α0 = λ·α1, weight of the frozen model's log pi1 in the customised policy; with a "
@@ -83,22 +110,48 @@ def build_parser(description=__doc__):
     a = ap.add_argument_group("run")
     a.add_argument("--out-dir", default="runs/demo", help="metrics, summary and checkpoint go here")
     a.add_argument("--eval-every", type=int, default=0, help="evaluate and save every N steps (0: each epoch)")
+    a.add_argument("--save-every", type=int, default=0,
+                   help="also save a checkpoint every N steps, without evaluating (0: only when evaluating)")
     a.add_argument("--train-limit", type=int, default=0, help="train on the first N training pairs (0: all)")
     a.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test pairs (0: all)")
     a.add_argument("--samples", type=int, default=3, help="test prompts shown before/after training")
     a.add_argument("--max-new-tokens", type=int, default=96, help="tokens per shown sample at most")
     a.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint")
+    a.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out-dir that already holds a run (its checkpoint is replaced)")
     a.add_argument("--max-steps", type=int, default=0,
                    help="stop (with a checkpoint) after this many steps, schedule unchanged; --resume continues")
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the frozen model (auto: bf16 on a GPU, float32 on a CPU)")
+    a.add_argument("--device-map", default=None,
+                   help="spread a frozen model too large for one GPU over all visible GPUs ('auto', via "
+                        "accelerate); the head goes where the output layer is")
     return ap
 
 
 def parse_args(argv=None, parser=None):
-    parser = parser or build_parser()
-    args = parser.parse_args(argv)
+    """The flags, range-checked: a value out of range is a one-line error (exit code 2, cli.py)."""
+    args = (parser or build_parser()).parse_args(argv)
+    cli.check(args.alpha_tilde > 0, f"--alpha-tilde must be > 0 (it divides the logits), got {args.alpha_tilde}")
+    cli.check(args.alpha0 >= 0, f"--alpha0 must be >= 0 (a weight on log pi1), got {args.alpha0}")
+    cli.check(0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}")
+    cli.check(args.beta >= 0, f"--beta must be >= 0, got {args.beta}")
+    cli.check(args.cutoff >= 2, f"--cutoff must leave room for a prompt token and a response token (>= 2), got {args.cutoff}")
+    cli.check(args.max_prompt is None or args.max_prompt >= 1, f"--max-prompt must be >= 1, got {args.max_prompt}")
+    cli.check(0 < args.test_fraction < 1, f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    cli.check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    cli.check(0 <= args.warmup < 1, f"--warmup must be in [0, 1), got {args.warmup}")
+    cli.check(args.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
+    cli.check(args.cache_gb >= 0, f"--cache-gb must be >= 0, got {args.cache_gb}")
+    cli.check(args.cache_disk_gb >= 0, f"--cache-disk-gb must be >= 0, got {args.cache_disk_gb}")
+    for flag in ("epochs", "batch_size", "grad_accum", "head_width", "head_layers", "head_heads"):
+        cli.check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("eval_every", "save_every", "train_limit", "eval_limit", "samples", "max_steps"):
+        cli.check(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    cli.check(args.head_width % (2 * args.head_heads) == 0,
+              f"--head-width {args.head_width} must be a multiple of 2 x --head-heads {args.head_heads} (even head size for RoPE)")
+    cli.check(not (args.resume and args.overwrite), "--resume and --overwrite contradict each other")
     return args
 
 
@@ -244,38 +297,84 @@ def evaluate(adapter, test_set, cache, args, device, collate):
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints: written to a temporary folder, then swapped in, so a crash never leaves half of one
+# checkpoints: written to a temporary folder, then swapped in, so a crash (even kill -9) never
+# leaves half of one; weights as safetensors, the optimizer's tensors loaded with weights_only=True
+
+# flags a resumed run must share with the checkpoint: the model's shape, and the data order
+RESUME_MUST_MATCH = ("base_model", "base_heads", "head_width", "head_layers", "head_heads", "batch_size",
+                     "grad_accum", "seed", "world_size")
 
 
-def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args):
+def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, world):
     final, tmp, old = out_dir / "checkpoint", out_dir / ".checkpoint-tmp", out_dir / ".checkpoint-old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta = {"base_model": args.base_model, **{k: getattr(args, k) for k in
-            ("alpha0", "alpha_tilde", "gamma", "beta", "cutoff", "max_prompt", "lr", "epochs",
-             "batch_size", "grad_accum", "seed", "data", "test_data")}, **progress}
+    meta = {"base_model": args.base_model, "base_vocab_size": adapter.out_weight.shape[0], "world_size": world,
+            "base_heads": args.chain,  # the heads this one is stacked on (model.chain_of)
+            **{k: getattr(args, k) for k in
+               ("alpha0", "alpha_tilde", "gamma", "beta", "cutoff", "max_prompt", "lr", "epochs", "batch_size",
+                "grad_accum", "seed", "head_width", "head_layers", "head_heads", "data", "test_data", "split",
+                "test_fraction", "train_limit", "eval_limit")}, **progress}
     M.save_adapter(tmp, adapter.head, meta)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), **progress}, tmp / "trainer_state.pt")
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(tmp, final)  # the moment the new checkpoint becomes the checkpoint
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_trainer_state(out_dir, adapter, optimizer, scheduler):
+def load_trainer_state(out_dir, adapter, optimizer, scheduler, args, world):
     ckpt = out_dir / "checkpoint"
-    if not ckpt.exists() and (out_dir / ".checkpoint-old").exists():  # crashed in the middle of a swap
+    if not ckpt.exists() and (out_dir / ".checkpoint-old").exists():  # killed between the two renames
         os.replace(out_dir / ".checkpoint-old", ckpt)
     if not (ckpt / "trainer_state.pt").exists():
         raise SystemExit(f"error: --resume: no checkpoint in {ckpt}")
+    try:
+        config = json.loads((ckpt / M.CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        config = {}  # load_adapter below says what is wrong with it
+    ours = {**vars(args), "world_size": world, "base_heads": args.chain}
+    for key in RESUME_MUST_MATCH:  # checked first: another base model is named, not found by its shapes
+        if key in config and config[key] != ours[key]:
+            flag = {"world_size": "processes", "base_heads": "--base-head"}.get(key, "--" + key.replace("_", "-"))
+            raise SystemExit(f"error: --resume: {ckpt} was trained with {flag} {config[key]}, not {ours[key]}")
     saved, _, _ = M.load_adapter(ckpt, base=adapter.base)  # safetensors only, with clear errors
     adapter.head.load_state_dict(saved.head.state_dict())
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return {k: state[k] for k in ("step", "epoch", "batch_in_epoch")}
+    try:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return {k: state[k] for k in ("step", "epoch", "batch_in_epoch")}
+    except Exception as e:  # a truncated or foreign file; torch's messages run to many lines
+        raise SystemExit(f"error: {ckpt / 'trainer_state.pt'}: unreadable ({str(e).splitlines()[0][:200]})")
+
+
+def check_out_dir(out_dir, args):
+    """A new run never overwrites an old one by accident."""
+    if args.resume or args.overwrite:
+        return
+    if (out_dir / "checkpoint").exists() or (out_dir / "metrics.jsonl").exists():
+        raise SystemExit(f"error: {out_dir} already holds a run: --resume continues it, --overwrite starts again")
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def records_until(path, step):
+    """The metrics.jsonl records up to `step`, as lines; a last line cut short by a kill is dropped."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return "".join(line + "\n" for line in kept)
 
 
 def append_jsonl(path, record):
@@ -284,19 +383,94 @@ def append_jsonl(path, record):
 
 
 # ------------------------------------------------------------------------------------------------
+# stopping: Ctrl-C and SIGTERM finish the step and save; a loss that is not finite saves nothing
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption, torchrun passing one
+    on) only set `code`; the training loop checks it after each step, saves a checkpoint and exits
+    with 130 or 143. A second signal stops at once (KeyboardInterrupt)."""
+
+    def __enter__(self):
+        self.code, self.previous = 0, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.previous:
+            signal.signal(s, self.handler)
+        return self
+
+    def handler(self, signum, frame):
+        if self.code:
+            raise KeyboardInterrupt
+        self.code = cli.INTERRUPTED if signum == signal.SIGINT else cli.TERMINATED
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step (again: stop at once)")
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+class NotFinite(Exception):
+    """The loss or the gradient became NaN or infinite."""
+
+
+# ------------------------------------------------------------------------------------------------
+# more than one process: `torchrun --nproc_per_node N train.py ...` (see the module docstring)
+
+
+def start_processes(device):
+    """(rank, world size, device) of this process. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK;
+    each process holds the whole frozen model and a copy of the head, whose gradients DDP averages."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    use_gpu = torch.cuda.is_available() and device != "cpu"
+    dist.init_process_group("nccl" if use_gpu else "gloo")
+    if use_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints, writes metrics and saves
+    return dist.get_rank(), dist.get_world_size(), f"cuda:{os.environ['LOCAL_RANK']}" if use_gpu else "cpu"
+
+
+def global_batches(n_pairs, args, world, epoch):
+    """The epoch's batches of pair indices, batch_size x world pairs each, in an order fixed by the
+    seed and the epoch (so a resumed run sees what the uninterrupted one would). Each process takes
+    its share of every batch (`my_share`); a last batch with fewer pairs than processes is dropped."""
+    order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    size = args.batch_size * world
+    batches = [order[i:i + size] for i in range(0, n_pairs, size)]
+    if world > 1 and len(batches[-1]) < world:
+        batches.pop()
+    return batches
+
+
+def my_share(batch, rank, world):
+    return batch.tensor_split(world)[rank].tolist()
+
+
+def all_reduce_sum(values, world):
+    """{name: float} summed over the processes (a no-op with one)."""
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
+    rank, world, device = start_processes(args.device)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device, dtype, why = M.pick_device(args.device, args.dtype)
-    print(why)
+    check_out_dir(out_dir, args)
+    device, dtype, why = M.pick_device(device, args.dtype)
+    print(why + (f"; {world} processes" if world > 1 else ""))
 
-    # data: read and tokenise before loading the model, so a bad file fails fast
+    # data: read and tokenise before loading the model, so a bad file fails fast (and before
+    # anything is written)
     tok = M.load_tokenizer(args.base_model, args.trust_remote_code)
     try:
         train_pairs = data.load_pairs(args.data, args.split)
@@ -310,17 +484,22 @@ def main(argv=None):
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs")
+    cli.check(len(train_set) >= world, f"{len(train_set)} training pairs cannot be shared by {world} processes")
 
-    base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code)
+    base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code, args.device_map)
+    device = base.get_output_embeddings().weight.device  # where the head lives (not `device` with --device-map)
     head = M.QHead(M.head_config_for(base, args.head_width, args.head_layers, args.head_heads)).to(device)
-    adapter = M.QAdapter(base, head)
+    args.chain = M.chain_of(args.base_head, args.base_model)  # stacked on these frozen heads (none: on pi1)
+    below = M.load_chain(args.chain, args.base_model, device)
+    adapter = M.QAdapter(base, head, below)  # evaluation, sampling and checkpoints use the head itself
+    trained = adapter if world == 1 else M.QAdapter(base, DDP(head), below)  # gradients averaged over processes
     n_head, n_base = M.head_parameter_count(head), sum(p.numel() for p in base.parameters())
     print(f"head: {n_head / 1e6:.2f}M trainable parameters, {100 * n_head / n_base:.2f}% of the "
-          f"frozen {n_base / 1e6:.0f}M")
+          f"frozen {n_base / 1e6:.0f}M" + (f"; stacked on {len(below)} frozen head(s)" if below else ""))
 
     collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
     cache = FrozenCache(args.cache_gb, args.cache_disk_gb, out_dir)
-    batches_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    batches_per_epoch = len(global_batches(len(train_set), args, world, 0))
     total_steps = args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
     warmup = max(1, int(args.warmup * total_steps))
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr,
@@ -328,79 +507,118 @@ def main(argv=None):
     schedule = lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0))))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+    main_process = rank == 0
     metrics_path = out_dir / "metrics.jsonl"
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     if args.resume:
-        progress = load_trainer_state(out_dir, adapter, optimizer, scheduler)
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if json.loads(line)["step"] <= progress["step"]] if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))  # drop records after the checkpoint
+        progress = load_trainer_state(out_dir, adapter, optimizer, scheduler, args, world)
         print(f"resumed at step {progress['step']} (epoch {progress['epoch']}, batch {progress['batch_in_epoch']})")
-    else:
-        metrics_path.write_text("")
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(metrics_path, records_until(metrics_path, progress["step"]) if args.resume else "")
 
-    test_conversations = [p.prompt for p in test_pairs[:args.samples]]
+    test_conversations = [p.prompt for p in test_pairs[:args.samples]] if main_process else []
     sample_opts = dict(alpha0=args.alpha0, alpha_tilde=args.alpha_tilde, max_new_tokens=args.max_new_tokens)
-    before = generate(adapter, tok, test_conversations, frozen_only=True, **sample_opts) if args.samples else []
+    before = generate(adapter, tok, test_conversations, frozen_only=True, **sample_opts) if test_conversations else []
 
-    def run_eval(step):
-        record = {"step": step, **evaluate(adapter, test_set, cache, args, device, collate)}
-        append_jsonl(metrics_path, record)
-        tqdm.write(f"step {step}: held-out accuracy {record['eval/rewards/accuracies']:.3f}, "
-                   f"margin {record['eval/rewards/margins']:.3f}, KL {record['eval/kl']:.4f}")
+    def run_eval_and_save(step, progress):
+        """Rank 0 evaluates and saves; the others wait for it."""
+        record = None
+        if main_process:
+            record = {"step": step, **evaluate(adapter, test_set, cache, args, device, collate)}
+            append_jsonl(metrics_path, record)
+            tqdm.write(f"step {step}: held-out accuracy {record['eval/rewards/accuracies']:.3f}, "
+                       f"margin {record['eval/rewards/margins']:.3f}, KL {record['eval/kl']:.4f}")
+            save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, world)
+        if world > 1:
+            dist.barrier()
         return record
 
+    def save(progress):
+        if main_process:
+            save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, world)
+        if world > 1:
+            dist.barrier()
+
     head.train()
-    step = progress["step"]
+    step, saved_step, evaluated_step = progress["step"], progress["step"], None
     eval_record = None
-    bar = tqdm(total=total_steps, initial=step, desc="training")
-    for epoch in range(progress["epoch"], args.epochs):
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        batches = [order[i:i + args.batch_size].tolist() for i in range(0, len(order), args.batch_size)]
-        start = progress["batch_in_epoch"] if epoch == progress["epoch"] else 0
-        for b in range(start, len(batches), args.grad_accum):
-            t0 = time.time()
-            group = batches[b:b + args.grad_accum]
-            sums = {}
-            for idx in group:
-                batch = collate([train_set[i] for i in idx])
-                loss, metrics = batch_loss(adapter, batch, [("train", i) for i in idx], cache, args, device)
-                (loss / len(group)).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / len(group)
-            grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record = {"step": step, "epoch": epoch, **sums, "grad_norm": float(grad_norm),
-                      "lr": scheduler.get_last_lr()[0], "pairs_per_s": sum(map(len, group)) / (time.time() - t0)}
-            append_jsonl(metrics_path, record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss']:.3f}", acc=f"{sums['rewards/accuracies']:.2f}")
-            at_end_of_epoch = b + args.grad_accum >= len(batches)
-            progress = {"step": step, "epoch": epoch + at_end_of_epoch,
-                        "batch_in_epoch": 0 if at_end_of_epoch else b + args.grad_accum}
-            if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and at_end_of_epoch):
-                eval_record = run_eval(step)
-                save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args)
+    bar = tqdm(total=total_steps, initial=step, desc="training", disable=not main_process)
+    with StopSignals() as stop:
+        for epoch in range(progress["epoch"], args.epochs):
+            batches = global_batches(len(train_set), args, world, epoch)
+            start = progress["batch_in_epoch"] if epoch == progress["epoch"] else 0
+            for b in range(start, len(batches), args.grad_accum):
+                t0 = time.time()
+                group = batches[b:b + args.grad_accum]
+                n_step = sum(len(g) for g in group)  # pairs in this optimiser step, over all processes
+                sums = {}
+                for j, global_batch in enumerate(group):
+                    idx = my_share(global_batch, rank, world)
+                    weight = len(idx) / n_step  # each pair counts the same, however the step is cut up
+                    if world > 1:  # average the gradients over the processes once, after the last part
+                        trained.head.require_backward_grad_sync = j == len(group) - 1
+                    batch = collate([train_set[i] for i in idx])
+                    loss, metrics = batch_loss(trained, batch, [("train", i) for i in idx], cache, args, device)
+                    (loss * weight * world).backward()  # DDP divides by world when it averages
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * weight
+                sums = all_reduce_sum(sums, world)
+                grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), args.max_grad_norm)
+                if not (math.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
+                    bar.close()
+                    where = f"step {step + 1} (epoch {epoch}, batches {b}-{b + len(group) - 1})"
+                    kept = f"{out_dir / 'checkpoint'} (step {saved_step}) is kept" if saved_step else "no checkpoint was saved yet"
+                    print(f"error: the loss is {sums['loss']} and the gradient norm {float(grad_norm)} at {where}: "
+                          f"stopped without saving; {kept}. Try a lower --lr or a larger --beta", file=sys.stderr)
+                    raise SystemExit(1)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                record = {"step": step, "epoch": epoch, **sums, "grad_norm": float(grad_norm),
+                          "lr": scheduler.get_last_lr()[0], "pairs_per_s": n_step / (time.time() - t0)}
+                if main_process:
+                    append_jsonl(metrics_path, record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss']:.3f}", acc=f"{sums['rewards/accuracies']:.2f}")
+                at_end_of_epoch = b + args.grad_accum >= len(batches)
+                progress = {"step": step, "epoch": epoch + at_end_of_epoch,
+                            "batch_in_epoch": 0 if at_end_of_epoch else b + args.grad_accum}
+                if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and at_end_of_epoch):
+                    eval_record = run_eval_and_save(step, progress)
+                    saved_step = evaluated_step = step
+                elif args.save_every and step % args.save_every == 0:
+                    save(progress)
+                    saved_step = step
+                signalled = all_reduce_sum({"code": stop.code}, world)["code"] > 0  # every process stops together
+                if signalled:
+                    if saved_step != step:
+                        save(progress)
+                    bar.close()
+                    print(f"stopped at step {step}: checkpoint saved in {out_dir / 'checkpoint'}; "
+                          f"continue with --resume", file=sys.stderr)
+                    raise SystemExit(stop.code or cli.TERMINATED)
+                if step == args.max_steps:
+                    break
             if step == args.max_steps:
                 break
-        if step == args.max_steps:
-            break
     bar.close()
-    if eval_record is None or eval_record["step"] != step:
-        eval_record = run_eval(step)
-        save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args)
+    if evaluated_step != step:
+        eval_record = run_eval_and_save(step, progress)
+    if world > 1:
+        dist.destroy_process_group()
+    if not main_process:
+        return None
 
-    after = generate(adapter, tok, test_conversations, **sample_opts) if args.samples else []
-    summary = {"wall_time_s": round(time.time() - t_start, 1), "steps": step,
+    after = generate(adapter, tok, test_conversations, **sample_opts) if test_conversations else []
+    summary = {"wall_time_s": round(time.time() - t_start, 1), "steps": step, "processes": world,
                "train_pairs": len(train_set), "test_pairs": len(test_set),
                "head_parameters": n_head, "base_parameters": n_base, **eval_record,
                "samples": [{"prompt": c[-1]["content"], "frozen": b[0], "customised": a[0]}
                            for c, b, a in zip(test_conversations, before, after)],
                "args": vars(args)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
 
     for s in summary["samples"]:
         print(f"\n### {s['prompt']}\n  frozen:     {s['frozen']}\n  customised: {s['customised']}")
@@ -417,4 +635,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
