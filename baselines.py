@@ -294,6 +294,8 @@ def main(argv=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
+    if not getattr(args, "overwrite", True) and ((out_dir / "checkpoint").exists() or (out_dir / "metrics.jsonl").exists()):
+        raise SystemExit(f"error: {out_dir} already holds a run: --overwrite starts again")
     out_dir.mkdir(parents=True, exist_ok=True)
     device, dtype, why = M.pick_device(args.device, args.dtype)
     print(why)

@@ -116,14 +116,17 @@ class QAdapterPolicy(FrozenPolicy):
 
     def _score(self, ids, mask, states, labels, with_frozen=True):
         q_r, logp1, _, _, _ = self.adapter(ids, mask, states)  # (B, W, V) each
-        token_logp1, _ = token_stats(logp1, logp1, labels)
+        # a head stacked on earlier heads customises their policy (model.QAdapter.prior): its log pi1
+        # is then not the base model's, which the frozen row and the KL are about
+        base_logp = self.window_logp1(ids, mask, states) if len(getattr(self.adapter, "below", ())) else logp1
+        token_logp1, _ = token_stats(base_logp, base_logp, labels)
         out = {"frozen": (token_logp1, torch.zeros_like(token_logp1), token_logp1.sum(-1))}
         gamma = self.config.get("gamma", 1.0)
         for (alpha0, alpha_tilde), name in zip(self.alphas, self.names):
             logp = torch.log_softmax((q_r + alpha0 * logp1) / alpha_tilde, dim=-1)  # (B, W, V) pi~
             v = soft_value(q_r, logp1, alpha0, alpha_tilde)  # (B, W)
             r2 = derived_reward(gather_actions(q_r, labels), v, labels, gamma)  # (B, W-1)
-            out[name] = (*token_stats(logp, logp1, labels), response_return(r2, labels))  # R(x, y)
+            out[name] = (*token_stats(logp, base_logp, labels), response_return(r2, labels))  # R(x, y)
         return out
 
     def generate(self, tokenizer, conversations, max_new_tokens, batch_size):
@@ -488,6 +491,21 @@ def parse_args(argv=None):
     return args
 
 
+def write_results(args, results, t_start):
+    """OUT.json (settings and every number) and OUT.md (the table), each replaced atomically."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {**vars(args), "wall_time_s": round(time.time() - t_start, 1)}
+    table = markdown_table(results)
+    for path, text in ((out.with_suffix(".json"), json.dumps({"settings": settings, "results": results}, indent=2,
+                                                             ensure_ascii=False)),
+                       (out.with_suffix(".md"), table)):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return table
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
@@ -539,22 +557,16 @@ def main(argv=None):
             frozen_done = True
         results.update(rows)
         del policy
+        table = write_results(args, results, t_start)  # after each checkpoint: a crash keeps what was done
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items()}
-    settings["wall_time_s"] = round(time.time() - t_start, 1)
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=2,
-                                                   ensure_ascii=False))
-    table = markdown_table(results)
-    out.with_suffix(".md").write_text(table)
     print("\n" + table)
     written = [out.with_suffix(".json"), out.with_suffix(".md")]
     if args.plot:
         preference = "adherence" if args.adherence else "pairwise_accuracy"
         if plot_tradeoff(results, out.with_suffix(".png"), preference):
             written.append(out.with_suffix(".png"))
-    print(f"wall time {settings['wall_time_s']:.0f} s; wrote {', '.join(map(str, written))}")
+    print(f"wall time {time.time() - t_start:.0f} s; wrote {', '.join(map(str, written))}")
     return results
 
 

@@ -156,5 +156,9 @@ def test_bad_flags_fail_in_one_line(tiny_path, separable, tmp_path):
         baselines.parse_args(["--method", "dpo", "--dpo-beta", "0"])
     with pytest.raises(SystemExit, match="error: --resume"):
         baselines.parse_args(["--method", "sft", "--resume"])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="already holds a run: --overwrite starts again"):
+        baselines.main(baseline_args("dpo", tiny_path, separable, tmp_path / "old"))
     with pytest.raises(SystemExit, match="not a checkpoint written by baselines.py"):
         baselines.load_checkpoint(tmp_path)
