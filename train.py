@@ -485,11 +485,11 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs")
     cli.check(len(train_set) >= world, f"{len(train_set)} training pairs cannot be shared by {world} processes")
+    args.chain = M.chain_of(args.base_head, args.base_model)  # stacked on these frozen heads (none: on pi1)
 
     base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code, args.device_map)
     device = base.get_output_embeddings().weight.device  # where the head lives (not `device` with --device-map)
     head = M.QHead(M.head_config_for(base, args.head_width, args.head_layers, args.head_heads)).to(device)
-    args.chain = M.chain_of(args.base_head, args.base_model)  # stacked on these frozen heads (none: on pi1)
     below = M.load_chain(args.chain, args.base_model, device)
     adapter = M.QAdapter(base, head, below)  # evaluation, sampling and checkpoints use the head itself
     trained = adapter if world == 1 else M.QAdapter(base, DDP(head), below)  # gradients averaged over processes
