@@ -319,7 +319,9 @@ def run_batches(policy, rows, pad_id, batch_size, desc, with_frozen=True):
 
 
 def pairwise(policy, tokenizer, pairs, cutoff, batch_size):
-    """Held-out pairwise accuracy and mean margin of each policy's own implicit reward."""
+    """Held-out pairwise accuracy and mean margin of each policy's own implicit reward, and the
+    share of pairs whose chosen answer the policy itself makes likelier (log pi(y_w|x) > log pi(y_l|x)),
+    a yardstick common to all methods that moves only when the policy does."""
     examples = [e for e in (data.tokenize_pair(tokenizer, p, cutoff) for p in pairs) if e is not None]
     rows = [(e["chosen_ids"], e["chosen_labels"]) for e in examples] + \
            [(e["rejected_ids"], e["rejected_labels"]) for e in examples]
@@ -327,8 +329,9 @@ def pairwise(policy, tokenizer, pairs, cutoff, batch_size):
     result = {}
     for name, o in run_batches(policy, rows, tokenizer.pad_token_id, batch_size, "pairs").items():
         margins = [o["ret"][i] - o["ret"][n + i] for i in range(n)]
+        likelier = [o["logp"][i] > o["logp"][n + i] for i in range(n)]  # the policy itself: pi(y_w|x) > pi(y_l|x)
         result[name] = {"pairwise_accuracy": sum(m > 0 for m in margins) / n, "margin": sum(margins) / n,
-                        "pairs": n}
+                        "likelihood_accuracy": sum(likelier) / n, "pairs": n}
     return result
 
 
@@ -374,6 +377,7 @@ def time_per_pair(run_dir):
 # output: JSON, Markdown, picture
 
 COLUMNS = [("pairwise_accuracy", "pairwise acc", "{:.3f}"), ("margin", "margin", "{:.2f}"),
+           ("likelihood_accuracy", "π(y_w)>π(y_l)", "{:.3f}"),
            ("adherence", "adherence", "{:.3f}"), ("degenerate", "degenerate", "{:.3f}"),
            ("arc_easy/acc", "ARC-E acc", "{:.3f}"), ("arc_easy/acc_norm", "ARC-E acc_norm", "{:.3f}"),
            ("mmlu/acc", "MMLU acc", "{:.3f}"), ("mmlu/acc_norm", "MMLU acc_norm", "{:.3f}"),

@@ -110,6 +110,7 @@ def test_policy_identical_to_the_frozen_model_has_kl_0_and_the_same_scores(token
     # the return of a zero head: R(y_w) − R(y_l) = α̃·Δlog pi~ − α0·Δlog pi1 = 0, no preference at all
     pw = E.pairwise(policy, tokenizer, pairs, 64, 4)
     assert pw["qa α0=1"]["margin"] == pytest.approx(0.0, abs=1e-5)
+    assert pw["qa α0=1"]["likelihood_accuracy"] == pw["frozen"]["likelihood_accuracy"]
 
 
 def test_a_nonzero_head_has_positive_kl_and_its_own_return(tokenizer, files):
@@ -167,7 +168,7 @@ def test_end_to_end_over_both_kinds_of_checkpoint(tokenizer, tiny_path, files, t
     assert results["qa α0=1"]["kl"] > results["qa α0=4"]["kl"] > 0  # a larger α0 keeps closer to pi1
     assert results["qa α0=1"]["s_per_pair"] == pytest.approx((1 / 4 + 1 / 2) / 2)
     for name, r in results.items():
-        for key in ("pairwise_accuracy", "margin", "arc_easy/acc", "arc_easy/acc_norm", "mmlu/acc",
+        for key in ("pairwise_accuracy", "margin", "likelihood_accuracy", "arc_easy/acc", "arc_easy/acc_norm", "mmlu/acc",
                     "mmlu/acc_norm", "kl", "adherence", "degenerate"):
             assert key in r, (name, key)
         assert r["pairs"] == 3 and r["arc_easy/n"] == 2 and r["mmlu/n"] == 1 and len(r["answers"]) == 3
