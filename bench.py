@@ -21,7 +21,7 @@ built: on a GPU the allocator's count (torch.cuda.max_memory_allocated), on a CP
 (VmHWM, reset through /proc/self/clear_refs). A training step is what train.py does per batch:
 forward, backward, clipping and the optimizer step.
 
-    python bench.py                            # the embedded SmolLM2-135M on this machine (a few minutes)
+    python bench.py                            # the embedded SmolLM2-135M on this machine (about 10 min on 2 cores)
     python bench.py --repeats 5 --json bench.json
     python bench.py --base-model meta-llama/Llama-3.1-8B-Instruct --batch-size 4 --cutoff 512   # on a GPU
 """
@@ -57,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="dtype of the frozen model (auto: bf16 on a GPU, float32 on a CPU)")
-    ap.add_argument("--skip", default="", help="comma-separated figures not to measure, e.g. official,cold_start")
+    ap.add_argument("--skip", default="", help="comma-separated figures not to measure, of: frozen_forward, train_step, train_step_kept, "
+                         "train_step_disk, official, decode, cold_start")
     ap.add_argument("--json", help="also write every number to this JSON file")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # set when bench.py runs itself for one figure
     args = ap.parse_args(argv)
