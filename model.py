@@ -246,10 +246,12 @@ def _logsumexp_chunks(x, weight, tau, with_grad):
     lse = x.new_empty(x.shape[0])  # (N,)
     grad = torch.empty_like(x) if with_grad else None  # (N, D)
     for i in range(0, x.shape[0], rows):
-        logits = F.linear(x[i:i + rows].to(weight.dtype), weight).float() / tau  # (n, V)
+        logits = F.linear(x[i:i + rows].to(weight.dtype), weight).float()  # (n, V)
+        if tau != 1.0:
+            logits.div_(tau)  # in place, as below: one (n, V) tensor per chunk besides logsumexp's own
         lse[i:i + rows] = torch.logsumexp(logits, dim=-1)
         if with_grad:
-            probs = torch.exp(logits.sub_(lse[i:i + rows, None]))  # (n, V) softmax, in place of the logits
+            probs = logits.sub_(lse[i:i + rows, None]).exp_()  # (n, V) softmax, in place of the logits
             grad[i:i + rows] = (probs.to(weight.dtype) @ weight).float() / tau  # (n, D)
     return lse, grad
 
