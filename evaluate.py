@@ -472,6 +472,8 @@ def build_parser():
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     ap.add_argument("--out", default="results/eval", help="writes OUT.json and OUT.md (and OUT.png with --plot)")
     ap.add_argument("--plot", action="store_true", help="draw preference against retention into OUT.png (matplotlib)")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw OUT.png from an existing OUT.json (no model is run; --checkpoint not needed)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="dtype of the frozen model (auto: bf16 on a GPU, float32 on a CPU)")
@@ -481,7 +483,7 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    if not args.checkpoint:
+    if not args.checkpoint and not args.replot:
         raise SystemExit("error: give at least one --checkpoint DIR (a train.py or baselines.py output)")
     for flag in ("limit", "mc_limit", "gen_limit", "max_new_tokens", "batch_size", "cutoff", "mc_cutoff"):
         value = getattr(args, flag)
@@ -510,8 +512,21 @@ def write_results(args, results, t_start):
     return table
 
 
+def replot(args):
+    path = Path(args.out).with_suffix(".json")
+    try:
+        saved = json.loads(path.read_text())
+        results, adherence = saved["results"], saved["settings"].get("adherence")
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: --replot: cannot read {path} ({e})")
+    return plot_tradeoff(results, path.with_suffix(".png"), "adherence" if adherence else "pairwise_accuracy")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        print(f"wrote {replot(args)}")
+        return None
     t_start = time.time()
     device, dtype, why = M.pick_device(args.device, args.dtype)
     print(why)

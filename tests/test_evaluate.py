@@ -177,6 +177,9 @@ def test_end_to_end_over_both_kinds_of_checkpoint(tokenizer, tiny_path, files, t
     table = out.with_suffix(".md").read_text()
     assert table.splitlines()[0].startswith("| policy | pairwise acc") and "| qa α0=4 |" in table
     assert out.with_suffix(".png").stat().st_size > 1000
+    out.with_suffix(".png").unlink()
+    E.main(["--replot", "--out", str(out)])  # the picture again, from the JSON alone
+    assert out.with_suffix(".png").stat().st_size > 1000
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
