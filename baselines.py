@@ -304,7 +304,7 @@ def main(argv=None):
     train_pairs, test_pairs, train_set, test_set = load_data(args, tok)
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs")
 
-    base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code)
+    base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code, tokenizer=tok)
     n_base = sum(p.numel() for p in base.parameters())
     peft_model = lora_model(base, args)
     lora_params = [p for p in peft_model.parameters() if p.requires_grad]

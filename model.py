@@ -116,8 +116,10 @@ def load_tokenizer(name=EMBEDDED, trust_remote_code=False):
     return tok
 
 
-def load_base(name=EMBEDDED, device="cpu", dtype=torch.float32, trust_remote_code=False, device_map=None):
-    """The frozen pi1: eval mode, no gradients, never modified. Returns (model, tokenizer).
+def load_base(name=EMBEDDED, device="cpu", dtype=torch.float32, trust_remote_code=False, device_map=None,
+              tokenizer=None):
+    """The frozen pi1: eval mode, no gradients, never modified. Returns (model, tokenizer); a
+    tokenizer already loaded for `name` is passed through instead of being loaded again.
     device_map ("auto"): spread the layers over all visible GPUs (accelerate) instead of `device`,
     for a model too large for one; it only runs forward, so nothing else changes."""
     path = _model_path(name)
@@ -129,7 +131,7 @@ def load_base(name=EMBEDDED, device="cpu", dtype=torch.float32, trust_remote_cod
     if device_map is None:
         model.to(device)
     model.eval().requires_grad_(False)
-    return model, load_tokenizer(name, trust_remote_code)
+    return model, tokenizer or load_tokenizer(name, trust_remote_code)
 
 
 # ------------------------------------------------------------------------------------------------

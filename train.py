@@ -487,7 +487,7 @@ def main(argv=None):
     cli.check(len(train_set) >= world, f"{len(train_set)} training pairs cannot be shared by {world} processes")
     args.chain = M.chain_of(args.base_head, args.base_model)  # stacked on these frozen heads (none: on pi1)
 
-    base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code, args.device_map)
+    base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code, args.device_map, tokenizer=tok)
     device = base.get_output_embeddings().weight.device  # where the head lives (not `device` with --device-map)
     head = M.QHead(M.head_config_for(base, args.head_width, args.head_layers, args.head_heads)).to(device)
     below = M.load_chain(args.chain, args.base_model, device)

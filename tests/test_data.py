@@ -272,6 +272,26 @@ def test_truncation_keeps_end_of_prompt_and_start_of_response(tok):
     assert short["chosen_ids"][:10] == prompt_ids[-10:] and len(short["chosen_ids"]) == 64
 
 
+def test_tokenize_pairs_in_chunks_equals_the_template_one_text_at_a_time(tok):
+    """The batched path renders, then encodes many texts in one call; the ids must be those of
+    apply_chat_template(tokenize=True) on each text, across chunk borders and with skipped pairs."""
+    system = {"role": "system", "content": "Be brief."}
+    pairs = [PAIR, Pair([system, user("Hi  there\n\n")], "Hello!", "Hm.", "t:3"),
+             Pair([user("word " * 80)], "yes", "no", "t:4"),  # a prompt that fills the cutoff: None
+             Pair([user("a"), assistant("b"), user("c?")], "d é ü 😀", "e", "t:5"),
+             Pair([user("Why?")], "Because " * 30, "No.", "t:6")]
+    examples = data.tokenize_pairs(tok, pairs, cutoff=64, max_prompt=64, chunk=2)
+    assert len(examples) == len(pairs) and examples[2] is None
+    for pair, example in zip(pairs[:2] + pairs[3:], examples[:2] + examples[3:]):
+        prompt_ids = prompt_ids_of(tok, pair.prompt)
+        for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            full = tok.apply_chat_template(pair.prompt + [assistant(text)], tokenize=True)["input_ids"]
+            response = list(full[len(prompt_ids):])
+            response = response[:response.index(EOS) + 1][:64 - len(prompt_ids)]
+            assert example[f"{side}_ids"] == prompt_ids + response
+            assert example[f"{side}_labels"] == [IGNORE] * len(prompt_ids) + response
+
+
 def test_prompt_filling_the_cutoff_gives_none(tok):
     assert data.tokenize_pair(tok, PAIR, cutoff=16, max_prompt=16) is None
     assert data.tokenize_pair(tok, PAIR, cutoff=16, max_prompt=15) is not None
