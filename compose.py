@@ -31,7 +31,7 @@ import cli
 import data
 import model as M
 import train
-from residual_q import customised_logits, next_tokens, scored_states
+from residual_q import IGNORE, scored_states
 
 
 def parse_args(argv=None):
@@ -92,25 +92,26 @@ def held_out_set(tok, config, limit):
 
 
 @torch.no_grad()
-def kl_between(adapter, other, test_set, cache, a, b, batch_size, collate):
+def kl_between(adapter, other, test_set, cache, a, b, batch_size, device, collate):
     """Mean per-token KL(pi_a ‖ pi_b) on the held-out responses (chosen and rejected), where
-    a, b = (α0, α̃) of the two adapters (same frozen model, so the hidden states are shared)."""
+    a, b = (α0, α̃) of the two adapters (same frozen model, so the hidden states are shared), a
+    chunk of states at a time through the vocabulary (model.projected_kl)."""
     total, tokens = 0.0, 0
     for start in range(0, len(test_set), batch_size):
         idx = list(range(start, min(start + batch_size, len(test_set))))
         batch = collate([test_set[i] for i in idx])
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        states, labels = scored_states(batch["labels"])  # (2B, W)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        states, labels = scored_states(batch["labels"].to(device))  # (2B, W)
+        valid = torch.arange(states.shape[1], device=device) < (labels != IGNORE).sum(-1, keepdim=True)  # (2B, W)
         rows = [(("test", i), side) for side in ("chosen", "rejected") for i in idx]
         hidden, _ = cache.get(rows, mask, states.shape[1])
-        out_a = adapter(ids, mask, states, hidden)  # (2B, W, V) each
-        cache.put(rows, out_a.hidden, mask)
-        out_b = other(ids, mask, states, out_a.hidden)
-        logp_a = torch.log_softmax(customised_logits(out_a.q_r, out_a.logp1, *a), dim=-1)  # (2B, W, V)
-        logp_b = torch.log_softmax(customised_logits(out_b.q_r, out_b.logp1, *b), dim=-1)
-        kl = (logp_a.exp() * (logp_a - logp_b)).sum(-1)[:, :-1]  # (2B, W-1) at the states s_t
-        _, response = next_tokens(labels)  # (2B, W-1)
-        total, tokens = total + float((kl * response).sum()), tokens + int(response.sum())
+        if hidden is None:
+            hidden, _ = adapter.hidden(ids, mask, M.positions(mask))  # (2B, T, D)
+            cache.put(rows, hidden, mask)
+        x_a, _ = adapter.directions(hidden, mask, states, valid, *a)  # (N, D)
+        x_b, _ = other.directions(hidden, mask, states, valid, *b)  # (N, D)
+        total += float(M.projected_kl(x_a, x_b, adapter.out_weight).sum())
+        tokens += int(valid.sum())
     return total / max(tokens, 1)
 
 
@@ -147,7 +148,10 @@ def main(argv=None):
                                    beta=configs[0].get("beta", 0.0), batch_size=args.batch_size)
     collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
     tests = {n: held_out_set(tok, c, args.limit) for n, c in zip(names, configs)}
-    caches = {n: train.FrozenCache(8.0) for n in names}  # hidden states kept across the weights
+    # the frozen outputs per test set, kept across the weights; log Z1 belongs to the policy below
+    # the head, so a run stacked on other heads gets caches of its own
+    caches = {}
+    cache_for = lambda n, a: caches.setdefault((n, id(a) if a.below else "base"), train.FrozenCache(8.0))  # noqa: E731
     joint = joint_alphas = None
     if args.joint:
         joint_adapter, _, joint_config = M.load_adapter(args.joint, device, dtype, base=adapter.base, tokenizer=tok)
@@ -162,13 +166,13 @@ def main(argv=None):
         adapter.head.weights = [float(w) for w in weights]
         row = {"weights": weights}
         for n in names:
-            m = train.evaluate(adapter, tests[n], caches[n], eval_args, device, collate)
+            m = train.evaluate(adapter, tests[n], cache_for(n, adapter), eval_args, device, collate)
             row[f"{n}/accuracy"], row[f"{n}/margin"] = m["eval/rewards/accuracies"], m["eval/rewards/margins"]
             row[f"{n}/kl_to_frozen"] = m["eval/kl"]
             frozen[n] = m["eval/frozen_logp_accuracy"]
             if joint is not None:
-                row[f"{n}/kl_to_joint"] = kl_between(adapter, joint, tests[n], caches[n], alphas, joint_alphas,
-                                                     args.batch_size, collate)
+                row[f"{n}/kl_to_joint"] = kl_between(adapter, joint, tests[n], cache_for(n, adapter), alphas,
+                                                     joint_alphas, args.batch_size, device, collate)
         if arc is not None:
             policy = evaluate.QAdapterPolicy(adapter, configs[0], [alphas], "composed")
             mc = evaluate.multiple_choice(policy, tok, arc, 512, args.batch_size, "arc_easy", with_frozen=True)
@@ -182,7 +186,7 @@ def main(argv=None):
                                            "alpha_tilde": config["alpha_tilde"], "gamma": config.get("gamma", 1.0)})
         ref = references.setdefault(name_of(path) + (" (joint)" if path == args.joint else ""), {})
         for n in names:
-            m = train.evaluate(other, tests[n], caches[n], other_args, device, collate)
+            m = train.evaluate(other, tests[n], cache_for(n, other), other_args, device, collate)
             ref[f"{n}/accuracy"], ref[f"{n}/margin"] = m["eval/rewards/accuracies"], m["eval/rewards/margins"]
             ref[f"{n}/kl_to_frozen"] = m["eval/kl"]
 

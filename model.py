@@ -284,6 +284,20 @@ def projected_logsumexp(x, weight, tau=1.0):
         return _logsumexp_chunks(x, weight, tau, with_grad=False)[0]
 
 
+@torch.no_grad()
+def projected_kl(x_p, x_q, weight):
+    """KL(softmax(W·x_p) ‖ softmax(W·x_q)) per row, x_p, x_q: (N, D) -> (N,), through W (V, D) a
+    chunk of rows at a time, so no (N, V) tensor is whole. Evaluation's measure of how far a policy
+    moved: pi~ is softmax(W_out·(u + α0·x1)/α̃) and pi1 is softmax(W_out·x1) (QAdapter.directions)."""
+    rows = max(1, LOGIT_CHUNK // weight.shape[0])
+    kl = x_p.new_empty(x_p.shape[0], dtype=torch.float32)  # (N,)
+    for i in range(0, x_p.shape[0], rows):
+        logp = torch.log_softmax(F.linear(x_p[i:i + rows].to(weight.dtype), weight).float(), dim=-1)  # (n, V)
+        logq = torch.log_softmax(F.linear(x_q[i:i + rows].to(weight.dtype), weight).float(), dim=-1)  # (n, V)
+        kl[i:i + rows] = (logp.exp() * (logp - logq)).sum(-1)
+    return kl
+
+
 class QAdapter(nn.Module):
     """The frozen base and the trainable head: Q_R and log pi1 over the vocabulary.
 
@@ -413,6 +427,17 @@ class QAdapter(nn.Module):
             out.append(full)
         q_sa, logp1_sa, v = out
         return q_sa, logp1_sa, v, hidden, logz1
+
+    @torch.no_grad()
+    def directions(self, hidden, attention_mask, states, valid, alpha0, alpha_tilde):
+        """(x~, x1), each (N, D) float32 at the valid states (B, W) of the hidden states (B, T, D):
+        pi~ = softmax(W_out·x~) with x~ = (u + α0·x1)/α̃, and pi1 = softmax(W_out·x1), the policy
+        being customised (prior()). With projected_kl, the KL between them without (N, V) tensors."""
+        position_ids = positions(attention_mask)
+        u, _ = self.head(hidden.float(), attention_mask, position_ids)  # (B, T, D)
+        x1, _ = self.prior(hidden, attention_mask, position_ids)  # (B, T, D)
+        x1_s = pick(x1, states)[valid].float()  # (N, D)
+        return (pick(u, states)[valid] + alpha0 * x1_s) / alpha_tilde, x1_s
 
 
 def head_parameter_count(head):

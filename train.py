@@ -54,8 +54,7 @@ import cli
 import data
 import model as M
 from bt_loss import bt_loss
-from residual_q import (IGNORE, derived_reward, gather_actions, kl_to_frozen, next_tokens, response_logprob,
-                        scored_states, soft_value)
+from residual_q import IGNORE, derived_reward, next_tokens, scored_states
 from sample import generate
 
 HERE = Path(__file__).resolve().parent
@@ -238,9 +237,11 @@ def frozen_hidden(adapter, ids, mask, width):
     return torch.nn.functional.pad(hidden, (0, 0, 0, width - n))
 
 
-def batch_loss(adapter, batch, keys, cache, args, device):
+def pair_scores(adapter, batch, keys, cache, args, device):
     """batch: data.collate output (2B sequences, chosen first); keys name its pairs for the cache.
-    Returns (loss, metrics). Only the states that take a response action are scored."""
+    Q_R(s, a), log pi1(a|s) and V(s) at the states that take a response action (QAdapter.scores:
+    no (2B, W, V) tensor), with the frozen outputs read from the cache or computed and kept.
+    Returns (q_sa, logp1_sa, v, valid) (2B, W) each, window_labels (2B, W), and the hidden states."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     rows = [(k, "chosen") for k in keys] + [(k, "rejected") for k in keys]
     states, window_labels = scored_states(labels)  # (2B, W) each
@@ -252,9 +253,15 @@ def batch_loss(adapter, batch, keys, cache, args, device):
     if hidden is None:  # the chosen and the rejected rows separately, each cut to its own length
         hidden = torch.cat([frozen_hidden(adapter, i, m, mask.shape[1])
                             for i, m in zip(ids.chunk(2), mask.chunk(2))])  # (2B, T, D)
-    q_sa, _, v, hidden, logz1 = adapter.scores(ids, mask, states, actions, valid, args.alpha0,
-                                               args.alpha_tilde, hidden, logz1)  # (2B, W) each
+    q_sa, logp1_sa, v, hidden, logz1 = adapter.scores(ids, mask, states, actions, valid, args.alpha0,
+                                                      args.alpha_tilde, hidden, logz1)  # (2B, W) each
     cache.put(rows, hidden, mask, logz1, window_labels)
+    return q_sa, logp1_sa, v, valid, window_labels, hidden
+
+
+def batch_loss(adapter, batch, keys, cache, args, device):
+    """The Bradley-Terry loss of one batch (see pair_scores). Returns (loss, metrics)."""
+    q_sa, _, v, _, window_labels, _ = pair_scores(adapter, batch, keys, cache, args, device)
     r2 = derived_reward(q_sa[:, :-1], v, window_labels, args.gamma)  # (2B, W-1)
     return bt_loss(r2, window_labels, args.beta)
 
@@ -262,36 +269,33 @@ def batch_loss(adapter, batch, keys, cache, args, device):
 @torch.no_grad()
 def evaluate(adapter, test_set, cache, args, device, collate):
     """Held-out BT metrics, per-token KL(pi~‖pi1) on the responses, and two reference accuracies:
-    the frozen model's own log-prob margin, and "the longer answer wins"."""
+    the frozen model's own log-prob margin, and "the longer answer wins". Like training, it never
+    builds a (2B, W, V) tensor: the KL goes through the vocabulary a chunk of states at a time."""
     adapter.head.eval()
     sums, n_pairs, kl_sum, kl_tokens = {}, 0, 0.0, 0
     for start in tqdm(range(0, len(test_set), args.batch_size), desc="evaluating", leave=False):
         idx = list(range(start, min(start + args.batch_size, len(test_set))))
         batch = collate([test_set[i] for i in idx])
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        states, labels = scored_states(batch["labels"].to(device))  # (2B, W)
-        rows = [(("test", i), side) for side in ("chosen", "rejected") for i in idx]
-        hidden, _ = cache.get(rows, mask, states.shape[1])
-        q_r, logp1, hidden, _, _ = adapter(ids, mask, states, hidden)  # (2B, W, V) each
-        cache.put(rows, hidden, mask)
-        v = soft_value(q_r, logp1, args.alpha0, args.alpha_tilde)  # (2B, W)
-        r2 = derived_reward(gather_actions(q_r, labels), v, labels, args.gamma)  # (2B, W-1)
+        q_sa, logp1_sa, v, valid, labels, hidden = pair_scores(adapter, batch, [("test", i) for i in idx],
+                                                               cache, args, device)  # (2B, W) each
+        r2 = derived_reward(q_sa[:, :-1], v, labels, args.gamma)  # (2B, W-1)
         _, metrics = bt_loss(r2, labels, args.beta)
         B = len(idx)
-        _, mask = next_tokens(labels)  # (2B, W-1)
-        kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1]  # (2B, W-1), states s_t
-        kl_sum += float((kl * mask).sum())
-        kl_tokens += int(mask.sum())
-        frozen_chosen, frozen_rejected = response_logprob(logp1, labels).chunk(2)
-        len_chosen, len_rejected = mask.sum(-1).chunk(2)
+        states, _ = scored_states(batch["labels"].to(device))  # (2B, W)
+        x_tilde, x1 = adapter.directions(hidden, batch["attention_mask"].to(device), states, valid,
+                                         args.alpha0, args.alpha_tilde)  # (N, D) each
+        kl_sum += float(M.projected_kl(x_tilde, x1, adapter.out_weight).sum())
+        kl_tokens += int(valid.sum())
+        frozen_chosen, frozen_rejected = (logp1_sa * valid).sum(-1).chunk(2)  # log pi1(y|x) of each response
+        len_chosen, len_rejected = valid.sum(-1).chunk(2)
         metrics["frozen_logp_accuracy"] = (frozen_chosen > frozen_rejected).float().mean()
         metrics["longer_wins_accuracy"] = ((len_chosen > len_rejected).float()
                                            + 0.5 * (len_chosen == len_rejected).float()).mean()
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * B
+        for k, value in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(value) * B
         n_pairs += B
     adapter.head.train()
-    out = {f"eval/{k}": v / n_pairs for k, v in sums.items()}
+    out = {f"eval/{k}": value / n_pairs for k, value in sums.items()}
     out["eval/kl"] = kl_sum / max(kl_tokens, 1)
     return out
 

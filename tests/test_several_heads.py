@@ -206,4 +206,9 @@ def test_compose_sweep_script(runs, tmp_path):
     assert a_alone["a/kl_to_joint"] > 1e-4
     assert set(table["references"]) == {"c (joint)", "b"}
     assert table["references"]["c (joint)"]["c/accuracy"] == c_alone["c/accuracy"]
+    # b (stacked on a) was trained and evaluated by train.py on a's held-out pairs: the same numbers,
+    # although the frozen outputs kept for the composed heads came first (b's log Z1 is pi~_a's)
+    summary_b = json.loads((d / "b" / "summary.json").read_text())
+    for column, key in (("a/margin", "eval/rewards/margins"), ("a/kl_to_frozen", "eval/kl")):
+        assert table["references"]["b"][column] == pytest.approx(summary_b[key], rel=1e-4, abs=1e-6), column
     assert "| weights |" in out.with_suffix(".md").read_text()

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import data
 import model as M
 import train
 from residual_q import customised_logits
@@ -57,14 +58,17 @@ def test_chunked_logsumexp_and_its_gradient_equal_autograd(monkeypatch, chunk):
         torch.testing.assert_close(M.projected_logsumexp(x, weight), torch.logsumexp(x @ weight.T, -1))
 
 
-def one_batch(tokenizer):
-    """3 pairs whose answers differ in length, so rows are padded differently."""
-    import data
+def three_pairs(tokenizer):
+    """3 tokenised pairs whose answers differ in length, so rows are padded differently."""
     answers = [("Yes.", "No, I do not think so at all."), ("Blue, mostly, on a clear day.", "Green."),
                ("Four.", "It is four, because two and two make four.")]
     pairs = [data.Pair([{"role": "user", "content": f"Question {i}?"}], c, r, f"row {i}")
              for i, (c, r) in enumerate(answers)]
-    return data.collate([data.tokenize_pair(tokenizer, p, 64) for p in pairs], tokenizer.pad_token_id)
+    return [data.tokenize_pair(tokenizer, p, 64) for p in pairs]
+
+
+def one_batch(tokenizer):
+    return data.collate(three_pairs(tokenizer), tokenizer.pad_token_id)
 
 
 def loss_and_grads(adapter, batch, cache):
@@ -102,3 +106,60 @@ def test_disk_cache_keeps_any_dtype_exactly(tmp_path):
     assert torch.equal(logz1[0], z[0]) and torch.equal(logz1[1, :3], z[1, :3])
     assert cache.used == 0 and cache.disk_used > 0
     assert cache.get(["a", "c"], mask, 4) == (None, None)  # one row not kept: recompute the batch
+
+
+@pytest.mark.parametrize("chunk", [M.LOGIT_CHUNK, 5 * 1000])
+def test_chunked_kl_equals_the_full_one(monkeypatch, chunk):
+    monkeypatch.setattr(M, "LOGIT_CHUNK", chunk)
+    torch.manual_seed(0)
+    weight, x_p, x_q = torch.randn(1000, 16), torch.randn(23, 16), torch.randn(23, 16)  # (V, D), (N, D) twice
+    logp, logq = torch.log_softmax(x_p @ weight.T, -1), torch.log_softmax(x_q @ weight.T, -1)  # (N, V)
+    torch.testing.assert_close(M.projected_kl(x_p, x_q, weight), (logp.exp() * (logp - logq)).sum(-1),
+                               rtol=1e-5, atol=1e-6)
+    assert M.projected_kl(x_p, x_p, weight).abs().max() < 1e-6
+
+
+def full_tensor_evaluation(adapter, batch, args):
+    """The held-out metrics the plain way: Q_R and log pi1 over the whole vocabulary, (2B, W, V)."""
+    from bt_loss import bt_loss
+    from residual_q import (derived_reward, gather_actions, kl_to_frozen, next_tokens, response_logprob,
+                            scored_states, soft_value)
+    states, labels = scored_states(batch["labels"])  # (2B, W)
+    q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"], states)  # (2B, W, V)
+    v = soft_value(q_r, logp1, args.alpha0, args.alpha_tilde)
+    r2 = derived_reward(gather_actions(q_r, labels), v, labels, args.gamma)
+    _, metrics = bt_loss(r2, labels, args.beta)
+    _, mask = next_tokens(labels)  # (2B, W-1)
+    kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1]
+    chosen, rejected = response_logprob(logp1, labels).chunk(2)
+    len_chosen, len_rejected = mask.sum(-1).chunk(2)
+    metrics["frozen_logp_accuracy"] = (chosen > rejected).float().mean()
+    metrics["longer_wins_accuracy"] = ((len_chosen > len_rejected).float() + 0.5 * (len_chosen == len_rejected)).mean()
+    out = {f"eval/{k}": float(x) for k, x in metrics.items()}
+    out["eval/kl"] = float((kl * mask).sum() / mask.sum())
+    return out
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_evaluation_without_vocabulary_tensors_equals_the_full_computation(tokenizer, stacked):
+    """train.evaluate reads Q_R, log pi1 and V at the taken actions (QAdapter.scores) and the KL a
+    chunk of states at a time: the same numbers as the (2B, W, V) tensors give, also for a head
+    stacked on another (whose log Z1 is the policy below's, not the base model's)."""
+    base = tiny_llama(tokenizer)
+    adapter = adapter_for(base, seed=3, zero=False)
+    if stacked:
+        adapter = M.QAdapter(base, adapter.head, below=[(adapter_for(base, seed=4, zero=False).head, 0.7, 1.4)])
+    batch = one_batch(tokenizer)
+    args = train.parse_args(["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05",
+                             "--batch-size", "3"])
+    examples = three_pairs(tokenizer)
+    collate = lambda e: data.collate(e, tokenizer.pad_token_id)  # noqa: E731
+    cache = train.FrozenCache(1.0)
+    want = full_tensor_evaluation(adapter, collate(examples), args)
+    for _ in range(2):  # computed, then read back from the cache
+        got = train.evaluate(adapter, examples, cache, args, "cpu", collate)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
+    assert want["eval/kl"] > 1e-3  # the head moved the policy: the KL is not trivially 0
+
