@@ -36,12 +36,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import cli  # no torch here: each figure imports it in its own process
+
 HERE = Path(__file__).resolve().parent
 RESULT = "BENCH-RESULT "  # a child's one line of results on stdout
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-model", default="embedded:SmolLM2-135M-Instruct",
                     help="frozen model: a Hugging Face hub name or local path (default: the embedded SmolLM2)")
     ap.add_argument("--data", default=str(HERE / "demo" / "concise_train.jsonl"),
@@ -386,12 +388,12 @@ def verdict(ratio, target, at_most=True):
     return f"{'≤' if at_most else '≥'} {target:g}", "yes" if met else "NO", met
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.measure:
         return child(args)
     from tqdm import tqdm
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:] if argv is None else argv)  # the children get the same flags
     skip = {s for s in args.skip.split(",") if s}
     names = [n for n in MEASURES if n not in skip] + ([] if "cold_start" in skip else ["cold_start"])
     results = {}
@@ -463,4 +465,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

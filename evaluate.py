@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import model as M
 from residual_q import (IGNORE, derived_reward, gather_actions, next_tokens, response_return,
@@ -440,7 +441,7 @@ def plot_tradeoff(results, path, preference_key):
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", default=[],
                     help="a train.py or baselines.py output directory (repeatable); the frozen model is "
                          "always scored beside them")
@@ -590,4 +591,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
