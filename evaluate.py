@@ -409,16 +409,22 @@ def plot_tradeoff(results, path, preference_key):
         print("no retention measurement to plot against")
         return None
     fig, axes = plt.subplots(1, len(retention), figsize=(5 * len(retention), 4), squeeze=False)
-    styles = {"frozen": ("*", "black"), "q-adapter": ("o", "tab:blue"), "dpo": ("s", "tab:red"), "sft": ("^", "tab:green")}
+    # a marker per method, a colour per run (a second run of a method gets the next shade)
+    styles = {"frozen": ("*", ["black"]), "q-adapter": ("o", ["tab:blue", "tab:cyan", "navy"]),
+              "dpo": ("s", ["tab:red", "tab:orange", "darkred"]), "sft": ("^", ["tab:green", "olive", "darkgreen"])}
     for ax, key in zip(axes[0], retention):
         groups = {}
         for name, r in results.items():
             if r.get(key) is None or r.get(preference_key) is None:
                 continue
             groups.setdefault((r["kind"], r.get("run")), []).append((r.get("alpha0") or 0, r[key], r[preference_key], name))
-        for (kind, _), points in groups.items():
+        runs_of_kind = {}
+        for (kind, run), points in groups.items():
             points.sort()
-            marker, color = styles.get(kind, ("x", "gray"))
+            marker, colors = styles.get(kind, ("x", ["gray"]))
+            nth = runs_of_kind.setdefault(kind, []) + [run]
+            runs_of_kind[kind] = nth
+            color = colors[(len(nth) - 1) % len(colors)]
             xs, ys = [p[1] for p in points], [p[2] for p in points]
             ax.plot(xs, ys, marker=marker, color=color, linestyle="-" if len(points) > 1 else "",
                     markersize=12 if kind == "frozen" else 7, label=points[0][3] if len(points) == 1 else
@@ -427,6 +433,8 @@ def plot_tradeoff(results, path, preference_key):
                 for a0, x, y, _ in points:
                     ax.annotate(f"α0={a0:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel({"kl": "KL(π‖π1) per token (lower: closer to frozen)"}.get(key, f"{key} under the policy"))
+        if key == "kl":  # from 1e-4 to 1: logarithmic past 1e-3, linear below it (the frozen model is at 0)
+            ax.set_xscale("symlog", linthresh=1e-3)
         ax.set_ylabel(preference_key.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
