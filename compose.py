@@ -5,8 +5,9 @@
 For two heads the sweep runs w = (1 − t, t) for t from 0 to 1 (--steps values; --weights gives
 any list instead). For each w it measures, on each head's own held-out pairs (rebuilt from its
 checkpoint's config: the same file, split and cutoff train.py used), the pairwise accuracy and
-mean margin of the composed policy's return R (train.evaluate), and the per-token KL(pi_w ‖ pi1)
-on those responses. With --joint (a head trained on both data sets together) it also reports
+mean margin of the composed policy's return R (train.evaluate), the accuracy of its log-ratio to
+the frozen base model (logratio_accuracy: for a head stacked on others, the whole chain's reward
+rather than the top head's R), and the per-token KL(pi_w ‖ pi1) on those responses. With --joint (a head trained on both data sets together) it also reports
 KL(pi_w ‖ pi_joint): how far composing separately trained heads is from training on the union,
 which it approximates (model.WeightedHeads says why). With --arc-easy, benchmark accuracy under
 pi_w (evaluate.py's scoring) as a second retention measure.
@@ -31,7 +32,6 @@ import cli
 import data
 import model as M
 import train
-from residual_q import IGNORE, scored_states
 
 
 def parse_args(argv=None):
@@ -91,6 +91,51 @@ def held_out_set(tok, config, limit):
         raise SystemExit(f"error: {e}")
 
 
+def frozen_window(adapter, batch, idx, cache, device):
+    """The frozen hidden states of held-out pairs idx (from the cache, or computed and kept) and
+    their action window (train.action_window): mask (2B, T), states, actions, valid (2B, W), hidden."""
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    states, _, actions, valid = train.action_window(batch["labels"].to(device))  # (2B, W) each
+    rows = [(("test", i), side) for side in ("chosen", "rejected") for i in idx]
+    hidden, _ = cache.get(rows, mask, states.shape[1])
+    if hidden is None:
+        hidden, _ = adapter.hidden(ids, mask, M.positions(mask))  # (2B, T, D)
+        cache.put(rows, hidden, mask)
+    return mask, states, actions, valid, hidden
+
+
+@torch.no_grad()
+def base_log_ratio_margins(adapter, test_set, cache, a, batch_size, device, collate):
+    """Per held-out pair, how much likelier the whole customised policy pi (a = (α0, α̃)) makes the
+    chosen response than the rejected one, *relative to the frozen base model*: (n_pairs,) of
+
+        Σ_t log pi(a_t|s_t) − log pi_base(a_t|s_t) over the response, chosen minus rejected.
+
+    For one head on the base with α0 = α̃ this ranks as its return R does (R = α̃·log pi~/pi1 +
+    V(s_0), and V(s_0) is the same for both answers). For a head stacked on others, R is its reward
+    relative to the policy below it; this is the reward of the whole chain, the number to compare
+    with the heads it was built from. logratio_accuracy is the share of positive margins."""
+    margins = []
+    for start in range(0, len(test_set), batch_size):
+        idx = list(range(start, min(start + batch_size, len(test_set))))
+        mask, states, actions, valid, hidden = frozen_window(adapter, collate([test_set[i] for i in idx]), idx,
+                                                             cache, device)
+        x_pi, _ = adapter.directions(hidden, mask, states, valid, *a)  # (N, D) pi = softmax(W_out·x_pi)
+        h = M.pick(hidden, states)[valid].float()  # (N, D) pi_base = softmax(W_out·h)
+        W = adapter.out_weight  # (V, D)
+        w_a = W[actions[valid]].float()  # (N, D) output embeddings of the actions
+        per_state = torch.zeros(valid.shape, device=device)  # (2B, W)
+        per_state[valid] = ((w_a * x_pi).sum(-1) - M.projected_logsumexp(x_pi, W)
+                            - (w_a * h).sum(-1) + M.projected_logsumexp(h, W))
+        chosen, rejected = per_state.sum(-1).chunk(2)  # (B,) each
+        margins.append(chosen - rejected)
+    return torch.cat(margins)
+
+
+def logratio_accuracy(*args):
+    return float((base_log_ratio_margins(*args) > 0).float().mean())
+
+
 @torch.no_grad()
 def kl_between(adapter, other, test_set, cache, a, b, batch_size, device, collate):
     """Mean per-token KL(pi_a ‖ pi_b) on the held-out responses (chosen and rejected), where
@@ -100,14 +145,7 @@ def kl_between(adapter, other, test_set, cache, a, b, batch_size, device, collat
     for start in range(0, len(test_set), batch_size):
         idx = list(range(start, min(start + batch_size, len(test_set))))
         batch = collate([test_set[i] for i in idx])
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        states, labels = scored_states(batch["labels"].to(device))  # (2B, W)
-        valid = torch.arange(states.shape[1], device=device) < (labels != IGNORE).sum(-1, keepdim=True)  # (2B, W)
-        rows = [(("test", i), side) for side in ("chosen", "rejected") for i in idx]
-        hidden, _ = cache.get(rows, mask, states.shape[1])
-        if hidden is None:
-            hidden, _ = adapter.hidden(ids, mask, M.positions(mask))  # (2B, T, D)
-            cache.put(rows, hidden, mask)
+        mask, states, _, valid, hidden = frozen_window(adapter, batch, idx, cache, device)
         x_a, _ = adapter.directions(hidden, mask, states, valid, *a)  # (N, D)
         x_b, _ = other.directions(hidden, mask, states, valid, *b)  # (N, D)
         total += float(M.projected_kl(x_a, x_b, adapter.out_weight).sum())
@@ -168,6 +206,8 @@ def main(argv=None):
         for n in names:
             m = train.evaluate(adapter, tests[n], cache_for(n, adapter), eval_args, device, collate)
             row[f"{n}/accuracy"], row[f"{n}/margin"] = m["eval/rewards/accuracies"], m["eval/rewards/margins"]
+            row[f"{n}/logratio_accuracy"] = logratio_accuracy(adapter, tests[n], cache_for(n, adapter), alphas,
+                                                                    args.batch_size, device, collate)
             row[f"{n}/kl_to_frozen"] = m["eval/kl"]
             frozen[n] = m["eval/frozen_logp_accuracy"]
             if joint is not None:
@@ -188,6 +228,9 @@ def main(argv=None):
         for n in names:
             m = train.evaluate(other, tests[n], cache_for(n, other), other_args, device, collate)
             ref[f"{n}/accuracy"], ref[f"{n}/margin"] = m["eval/rewards/accuracies"], m["eval/rewards/margins"]
+            ref[f"{n}/logratio_accuracy"] = logratio_accuracy(
+                other, tests[n], cache_for(n, other), (config["alpha0"], config["alpha_tilde"]), args.batch_size,
+                device, collate)
             ref[f"{n}/kl_to_frozen"] = m["eval/kl"]
 
     out = Path(args.out)

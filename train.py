@@ -237,6 +237,17 @@ def frozen_hidden(adapter, ids, mask, width):
     return torch.nn.functional.pad(hidden, (0, 0, 0, width - n))
 
 
+def action_window(labels):
+    """labels (2B, T) -> (states, window_labels, actions, valid), each (2B, W): the scored window
+    (residual_q.scored_states), the action a_t taken in each state (0 in the last, which takes
+    none), and which states take one (the window minus its padding and the terminal state)."""
+    states, window_labels = scored_states(labels)  # (2B, W) each
+    actions, _ = next_tokens(window_labels)  # (2B, W-1) a_t of each state
+    actions = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # (2B, W)
+    valid = torch.arange(states.shape[1], device=labels.device) < (window_labels != IGNORE).sum(-1, keepdim=True)
+    return states, window_labels, actions, valid
+
+
 def pair_scores(adapter, batch, keys, cache, args, device):
     """batch: data.collate output (2B sequences, chosen first); keys name its pairs for the cache.
     Q_R(s, a), log pi1(a|s) and V(s) at the states that take a response action (QAdapter.scores:
@@ -244,11 +255,7 @@ def pair_scores(adapter, batch, keys, cache, args, device):
     Returns (q_sa, logp1_sa, v, valid) (2B, W) each, window_labels (2B, W), and the hidden states."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     rows = [(k, "chosen") for k in keys] + [(k, "rejected") for k in keys]
-    states, window_labels = scored_states(labels)  # (2B, W) each
-    actions, _ = next_tokens(window_labels)  # (2B, W-1) a_t of each state
-    actions = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # the last state takes none
-    # the states that take an action: the window minus its padding and the final (terminal) state
-    valid = torch.arange(states.shape[1], device=device) < (window_labels != IGNORE).sum(-1, keepdim=True)  # (2B, W)
+    states, window_labels, actions, valid = action_window(labels)  # (2B, W) each
     hidden, logz1 = cache.get(rows, mask, states.shape[1])
     if hidden is None:  # the chosen and the rejected rows separately, each cut to its own length
         hidden = torch.cat([frozen_hidden(adapter, i, m, mask.shape[1])
@@ -281,7 +288,7 @@ def evaluate(adapter, test_set, cache, args, device, collate):
         r2 = derived_reward(q_sa[:, :-1], v, labels, args.gamma)  # (2B, W-1)
         _, metrics = bt_loss(r2, labels, args.beta)
         B = len(idx)
-        states, _ = scored_states(batch["labels"].to(device))  # (2B, W)
+        states, *_ = action_window(batch["labels"].to(device))  # (2B, W)
         x_tilde, x1 = adapter.directions(hidden, batch["attention_mask"].to(device), states, valid,
                                          args.alpha0, args.alpha_tilde)  # (N, D) each
         kl_sum += float(M.projected_kl(x_tilde, x1, adapter.out_weight).sum())

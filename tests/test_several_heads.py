@@ -100,6 +100,29 @@ def test_composed_decoding_runs_the_frozen_model_once_per_step(base, tokenizer):
         torch.testing.assert_close(torch.log_softmax(logits, -1), full[:, t], rtol=0, atol=1e-4)
 
 
+def test_the_chains_log_ratio_to_the_base_model_equals_the_full_computation(base, tokenizer):
+    """compose.base_log_ratio_margins (chunked, at the taken actions) is Σ_t log pi~_ab − log pi_base
+    over each response, chosen minus rejected, computed here from the full (2B, T, V) tensors."""
+    import compose
+    import data
+    from residual_q import next_tokens
+    answers = [("Yes, gladly.", "No."), ("Blue.", "It is green, I think, mostly."), ("Four.", "Five or six.")]
+    pairs = [data.Pair([{"role": "user", "content": f"Question {i}?"}], c, r, f"row {i}") for i, (c, r) in enumerate(answers)]
+    examples = [data.tokenize_pair(tokenizer, p, 64) for p in pairs]
+    collate = lambda e: data.collate(e, tokenizer.pad_token_id)  # noqa: E731
+    ab = M.QAdapter(base, random_head(base, 2), below=[(random_head(base, 1), 0.8, 1.3)])
+    margins = compose.base_log_ratio_margins(ab, examples, train.FrozenCache(1.0), (0.6, 1.2), 2, "cpu", collate)
+    batch = collate(examples)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    log_pi = log_policy(ab, ids, mask, 0.6, 1.2)[:, :-1]  # (2B, T-1, V)
+    log_base = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits.float(), -1)[:, :-1]
+    actions, response = next_tokens(labels)  # (2B, T-1)
+    ratio = ((log_pi - log_base).gather(-1, actions[..., None])[..., 0] * response).sum(-1)  # (2B,)
+    chosen, rejected = ratio.chunk(2)
+    torch.testing.assert_close(margins, chosen - rejected, rtol=1e-4, atol=1e-4)
+    assert margins.abs().max() > 1e-2  # the heads move the policy: not trivially 0
+
+
 # ------------------------------------------------------------------------------------------------
 # the scripts: train.py --base-head, sample.py with a chain and with several heads
 
@@ -202,6 +225,8 @@ def test_compose_sweep_script(runs, tmp_path):
     # weight (1, 0) is head a alone: its held-out accuracy is the one train.py measured
     assert a_alone["a/accuracy"] == pytest.approx(summary_a["eval/rewards/accuracies"])
     assert a_alone["a/margin"] == pytest.approx(summary_a["eval/rewards/margins"], rel=1e-4)
+    # one head on the base with α0 = α̃ = 1: its log-ratio to the base ranks as its return R does
+    assert a_alone["a/logratio_accuracy"] == a_alone["a/accuracy"]
     assert c_alone["c/kl_to_joint"] == pytest.approx(0.0, abs=1e-6)  # (0, 1) is head c, here also "the joint head"
     assert a_alone["a/kl_to_joint"] > 1e-4
     assert set(table["references"]) == {"c (joint)", "b"}
