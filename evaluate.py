@@ -437,9 +437,10 @@ def plot_tradeoff(results, path, preference_key):
             ax.set_xscale("symlog", linthresh=1e-3)
         ax.set_ylabel(preference_key.replace("_", " "))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels, where it hides no point
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
     fig.suptitle("learning the preference vs keeping what the frozen model knew")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 3), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
