@@ -74,7 +74,7 @@ def test_reference_is_the_base_with_the_adapter_disabled(tokenizer, tiny_path):
     args = baselines.parse_args(["--method", "dpo", "--base-model", tiny_path, "--lora-targets", "q_proj,v_proj"])
     peft_model = baselines.lora_model(base, args)
     loss, before = baselines.batch_loss(peft_model, batch, args, "cpu")
-    assert math.isclose(float(loss), math.log(2), rel_tol=1e-5)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-5)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     loss.backward()
     opt.step()
