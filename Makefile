@@ -10,7 +10,7 @@ PY := .venv/bin/python
 demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M, concise answers); prints metrics and samples
 	$(PY) train.py --out-dir runs/demo --overwrite
 
-test: .venv/installed  ## the test suite (about 8 minutes on 2 CPU cores)
+test: .venv/installed  ## the test suite (1.5 min on 2 idle CPU cores)
 	$(PY) -m pytest
 
 .PHONY: demo test
