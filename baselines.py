@@ -15,7 +15,7 @@ model knew can be forgotten. The implicit reward β·(log pi − log pi_ref) is 
 for both methods (SFT does not train on it; it is the same yardstick).
 
     python baselines.py --method dpo --out-dir runs/demo-dpo --lr 5e-4
-    python baselines.py --method sft --data ../shared/data/dsp/dsp_academy_pairs.jsonl --test-data '' \\
+    python baselines.py --method sft --data dsp_academy_pairs.jsonl --test-data '' \\
         --cutoff 384 --out-dir runs/dsp-sft
 
 Writes to --out-dir: metrics.jsonl, summary.json, and checkpoint/ = adapter_model.safetensors +

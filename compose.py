@@ -16,7 +16,7 @@ The frozen model's hidden states are computed once per test set and kept across 
 extra weight costs only the heads and the vocabulary projection.
 
     python compose.py --checkpoint runs/academy --checkpoint runs/business --steps 5 \\
-        --joint runs/both --arc-easy ../shared/data/retention/arc_easy_validation.jsonl --out results/compose
+        --joint runs/both --arc-easy arc_easy_validation.jsonl --out results/compose
 
 Writes OUT.json, OUT.md (a table to paste) and OUT.png (held-out accuracy against the weight, one
 curve per preference; needs matplotlib).

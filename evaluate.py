@@ -54,7 +54,6 @@ from residual_q import (IGNORE, derived_reward, gather_actions, next_tokens, res
                         scored_states, soft_value)
 
 HERE = Path(__file__).resolve().parent
-RETENTION = HERE / ".." / "shared" / "data" / "retention"
 HUB = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "mmlu": ("cais/mmlu", "all")}
 
 
@@ -462,10 +461,10 @@ def build_parser():
     ap.add_argument("--kl-data", default=str(HERE / "demo" / "concise_test.jsonl"),
                     help="pairs whose chosen responses are scored teacher-forced for the KL (default: the demo's "
                          "held-out prompts, general questions)")
-    ap.add_argument("--arc-easy", default=str(RETENTION / "arc_easy_validation.jsonl"),
-                    help="ARC-Easy: a .jsonl in the HF layout, or allenai/ai2_arc (hub); '' skips it")
-    ap.add_argument("--mmlu", default=str(RETENTION / "mmlu_validation.jsonl"),
-                    help="MMLU: a .jsonl in the HF layout, or cais/mmlu (hub); '' skips it")
+    ap.add_argument("--arc-easy", default=HUB["arc_easy"][0],
+                    help="ARC-Easy: a .jsonl in the HF layout, or allenai/ai2_arc (hub, the default); '' skips it")
+    ap.add_argument("--mmlu", default=HUB["mmlu"][0],
+                    help="MMLU: a .jsonl in the HF layout, or cais/mmlu (hub, the default); '' skips it")
     ap.add_argument("--adherence", action="store_true",
                     help="generate greedy answers to --prompts and score them with demo/concise.py")
     ap.add_argument("--prompts", default=str(HERE / "demo" / "concise_test.jsonl"),
