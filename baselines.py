@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
 import data
 import model as M
 import train
 from residual_q import IGNORE, gather_actions, next_tokens, scored_states
+from support import cli, loading, run_state
 
 METHODS = ("sft", "dpo")
 
@@ -212,7 +212,7 @@ def save_checkpoint(out_dir, peft_model, progress, args):
             ("dpo_beta", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "cutoff", "max_prompt",
              "lr", "epochs", "batch_size", "grad_accum", "seed", "data", "test_data", "split",
              "test_fraction")}, **progress}
-    (tmp / M.CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    (tmp / loading.CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -224,20 +224,20 @@ def load_checkpoint(directory, device="cpu", dtype=torch.float32, base=None, tru
     peft reads adapter_model.safetensors (never a pickle: a checkpoint without it is refused)."""
     from peft import PeftModel
     directory = Path(directory)
-    if (directory / "checkpoint" / M.CONFIG_FILE).exists():
+    if (directory / "checkpoint" / loading.CONFIG_FILE).exists():
         directory = directory / "checkpoint"
-    for name in (M.CONFIG_FILE, "adapter_model.safetensors", "adapter_config.json"):
+    for name in (loading.CONFIG_FILE, "adapter_model.safetensors", "adapter_config.json"):
         if not (directory / name).exists():
             raise SystemExit(f"error: {directory}: no {name} (not a checkpoint written by baselines.py)")
     try:
-        config = json.loads((directory / M.CONFIG_FILE).read_text())
+        config = json.loads((directory / loading.CONFIG_FILE).read_text())
         method, base_name = config["method"], config["base_model"]
     except (ValueError, KeyError) as e:
-        raise SystemExit(f"error: {directory / M.CONFIG_FILE}: unreadable checkpoint config ({e})")
+        raise SystemExit(f"error: {directory / loading.CONFIG_FILE}: unreadable checkpoint config ({e})")
     if method not in METHODS:
-        raise SystemExit(f"error: {directory / M.CONFIG_FILE}: unknown method {method!r}")
-    base, tokenizer = M.load_base(base_name, device, dtype, trust_remote_code) if base is None else (base, None)
-    tokenizer = tokenizer or M.load_tokenizer(base_name, trust_remote_code)
+        raise SystemExit(f"error: {directory / loading.CONFIG_FILE}: unknown method {method!r}")
+    base, tokenizer = loading.load_base(base_name, device, dtype, trust_remote_code) if base is None else (base, None)
+    tokenizer = tokenizer or loading.load_tokenizer(base_name, trust_remote_code)
     try:
         peft_model = PeftModel.from_pretrained(base, str(directory), use_safetensors=True)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -298,14 +298,14 @@ def main(argv=None):
     if not getattr(args, "overwrite", True) and ((out_dir / "checkpoint").exists() or (out_dir / "metrics.jsonl").exists()):
         raise SystemExit(f"error: {out_dir} already holds a run: --overwrite starts again")
     out_dir.mkdir(parents=True, exist_ok=True)
-    device, dtype, why = M.pick_device(args.device, args.dtype)
+    device, dtype, why = loading.pick_device(args.device, args.dtype)
     print(why)
 
-    tok = M.load_tokenizer(args.base_model, args.trust_remote_code)
+    tok = loading.load_tokenizer(args.base_model, args.trust_remote_code)
     train_pairs, test_pairs, train_set, test_set = load_data(args, tok)
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs")
 
-    base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code, tokenizer=tok)
+    base, _ = loading.load_base(args.base_model, device, dtype, args.trust_remote_code, tokenizer=tok)
     n_base = sum(p.numel() for p in base.parameters())
     peft_model = lora_model(base, args)
     lora_params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -329,7 +329,7 @@ def main(argv=None):
 
     def run_eval(step):
         record = {"step": step, **evaluate(peft_model, test_set, args, device, collate)}
-        train.append_jsonl(metrics_path, record)
+        run_state.append_jsonl(metrics_path, record)
         tqdm.write(f"step {step}: held-out accuracy {record['eval/rewards/accuracies']:.3f}, "
                    f"margin {record['eval/rewards/margins']:.3f}, KL {record['eval/kl']:.4f}")
         return record
@@ -357,7 +357,7 @@ def main(argv=None):
             train_time += time.time() - t0
             record = {"step": step, "epoch": epoch, **sums, "grad_norm": float(grad_norm),
                       "lr": scheduler.get_last_lr()[0], "pairs_per_s": sum(map(len, group)) / (time.time() - t0)}
-            train.append_jsonl(metrics_path, record)
+            run_state.append_jsonl(metrics_path, record)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}")
             at_end_of_epoch = b + args.grad_accum >= len(batches)

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import cli  # no torch here: each figure imports it in its own process
+from support import cli  # no torch here: each figure imports it in its own process
 
 HERE = Path(__file__).resolve().parent
 RESULT = "BENCH-RESULT "  # a child's one line of results on stdout
@@ -110,16 +110,18 @@ class PeakMemory:
 
 
 class Setup:
-    """The frozen model, a fresh head and the benchmark batch, on the device model.pick_device picks."""
+    """The frozen model, a fresh head and the benchmark batch, on the device loading.pick_device picks."""
 
     def __init__(self, args):
         import torch
         import data
         import model as M
         import train
-        self.torch, self.M, self.train = torch, M, train
-        self.device, dtype, _ = M.pick_device(args.device, args.dtype)
-        self.base, self.tok = M.load_base(args.base_model, self.device, dtype)
+        from support import fused_path, loading
+        from support.frozen_cache import FrozenCache
+        self.torch, self.M, self.train, self.fused_path, self.FrozenCache = torch, M, train, fused_path, FrozenCache
+        self.device, dtype, _ = loading.pick_device(args.device, args.dtype)
+        self.base, self.tok = loading.load_base(args.base_model, self.device, dtype)
         with torch.no_grad():  # read every weight once: on a CPU they may be mapped from the file
             for p in self.base.parameters():  # lazily, and pages read later would count as the figure's memory
                 p.sum()
@@ -191,7 +193,7 @@ def measure_frozen_forward(setup, args):
 
     def body():  # for the breakdown: the body alone, on each half cut to its own length, as our first pass runs it
         with setup.torch.no_grad():
-            [setup.train.frozen_hidden(setup.adapter, i, m, mask.shape[1]) for i, m in zip(ids.chunk(2), mask.chunk(2))]
+            [setup.fused_path.frozen_hidden(setup.adapter, i, m, mask.shape[1]) for i, m in zip(ids.chunk(2), mask.chunk(2))]
     t = best_times(setup, {"floor": frozen_forward(setup), "body": body}, args.repeats)
     return {"time_s": t["floor"], "peak_bytes": memory, "body_trimmed_s": t["body"], "tokens": int(mask.sum()), "rows": mask.shape[0],
             "padded_tokens": mask.numel(), "scored_states": int((setup.batch["labels"] != -100).sum()),
@@ -206,7 +208,7 @@ def training_step(setup, cache):
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-6)
 
     def step():
-        loss, _ = setup.train.batch_loss(setup.adapter, setup.batch, setup.keys, cache, a, setup.device)
+        loss, _ = setup.train.batch_loss(setup.adapter, setup.batch, setup.keys, cache, a)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), a.max_grad_norm)
         optimizer.step()
@@ -215,17 +217,17 @@ def training_step(setup, cache):
 
 
 def measure_train_step(setup, args):
-    return against_floor(setup, training_step(setup, setup.train.FrozenCache(0)), args.repeats)  # nothing kept
+    return against_floor(setup, training_step(setup, setup.FrozenCache(0)), args.repeats)  # nothing kept
 
 
 def measure_train_step_kept(setup, args):
     """Later epochs: the warm-up step computes and keeps the frozen outputs, the timed ones read them."""
-    return against_floor(setup, training_step(setup, setup.train.FrozenCache(64)), args.repeats)
+    return against_floor(setup, training_step(setup, setup.FrozenCache(64)), args.repeats)
 
 
 def measure_train_step_disk(setup, args):
     with tempfile.TemporaryDirectory() as tmp:
-        cache = setup.train.FrozenCache(0, 64, tmp)  # no memory: everything through the disk file
+        cache = setup.FrozenCache(0, 64, tmp)  # no memory: everything through the disk file
         return {**against_floor(setup, training_step(setup, cache), args.repeats), "disk_bytes": cache.disk_used}
 
 
@@ -316,9 +318,9 @@ def measure_decode(setup, args):
 def measure_cold_floor(args, t_start):
     """Import transformers and load the frozen model, nothing else."""
     import transformers  # noqa: F401
-    import model as M
-    device, dtype, _ = M.pick_device(args.device, args.dtype)
-    M.load_base(args.base_model, device, dtype)
+    from support import loading
+    device, dtype, _ = loading.pick_device(args.device, args.dtype)
+    loading.load_base(args.base_model, device, dtype)
     return {"at": time.time()}
 
 

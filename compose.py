@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import cli
 import data
 import model as M
 import train
+from support import cli, fused_path, loading, run_state, vocab_chunks
+from support.frozen_cache import FrozenCache
 
 
 def parse_args(argv=None):
@@ -93,9 +94,9 @@ def held_out_set(tok, config, limit):
 
 def frozen_window(adapter, batch, idx, cache, device):
     """The frozen hidden states of held-out pairs idx (from the cache, or computed and kept) and
-    their action window (train.action_window): mask (2B, T), states, actions, valid (2B, W), hidden."""
+    their action window (fused_path.action_window): mask (2B, T), states, actions, valid (2B, W), hidden."""
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    states, _, actions, valid = train.action_window(batch["labels"].to(device))  # (2B, W) each
+    states, _, actions, valid = fused_path.action_window(batch["labels"].to(device))  # (2B, W) each
     rows = [(("test", i), side) for side in ("chosen", "rejected") for i in idx]
     hidden, _ = cache.get(rows, mask, states.shape[1])
     if hidden is None:
@@ -120,13 +121,13 @@ def base_log_ratio_margins(adapter, test_set, cache, a, batch_size, device, coll
         idx = list(range(start, min(start + batch_size, len(test_set))))
         mask, states, actions, valid, hidden = frozen_window(adapter, collate([test_set[i] for i in idx]), idx,
                                                              cache, device)
-        x_pi, _ = adapter.directions(hidden, mask, states, valid, *a)  # (N, D) pi = softmax(W_out·x_pi)
+        x_pi, _ = fused_path.directions(adapter, hidden, mask, states, valid, *a)  # (N, D) pi = softmax(W_out·x_pi)
         h = M.pick(hidden, states)[valid].float()  # (N, D) pi_base = softmax(W_out·h)
         W = adapter.out_weight  # (V, D)
         w_a = W[actions[valid]].float()  # (N, D) output embeddings of the actions
         per_state = torch.zeros(valid.shape, device=device)  # (2B, W)
-        per_state[valid] = ((w_a * x_pi).sum(-1) - M.projected_logsumexp(x_pi, W)
-                            - (w_a * h).sum(-1) + M.projected_logsumexp(h, W))
+        per_state[valid] = ((w_a * x_pi).sum(-1) - vocab_chunks.projected_logsumexp(x_pi, W)
+                            - (w_a * h).sum(-1) + vocab_chunks.projected_logsumexp(h, W))
         chosen, rejected = per_state.sum(-1).chunk(2)  # (B,) each
         margins.append(chosen - rejected)
     return torch.cat(margins)
@@ -140,15 +141,15 @@ def logratio_accuracy(*args):
 def kl_between(adapter, other, test_set, cache, a, b, batch_size, device, collate):
     """Mean per-token KL(pi_a ‖ pi_b) on the held-out responses (chosen and rejected), where
     a, b = (α0, α̃) of the two adapters (same frozen model, so the hidden states are shared), a
-    chunk of states at a time through the vocabulary (model.projected_kl)."""
+    chunk of states at a time through the vocabulary (vocab_chunks.projected_kl)."""
     total, tokens = 0.0, 0
     for start in range(0, len(test_set), batch_size):
         idx = list(range(start, min(start + batch_size, len(test_set))))
         batch = collate([test_set[i] for i in idx])
         mask, states, _, valid, hidden = frozen_window(adapter, batch, idx, cache, device)
-        x_a, _ = adapter.directions(hidden, mask, states, valid, *a)  # (N, D)
-        x_b, _ = other.directions(hidden, mask, states, valid, *b)  # (N, D)
-        total += float(M.projected_kl(x_a, x_b, adapter.out_weight).sum())
+        x_a, _ = fused_path.directions(adapter, hidden, mask, states, valid, *a)  # (N, D)
+        x_b, _ = fused_path.directions(other, hidden, mask, states, valid, *b)  # (N, D)
+        total += float(vocab_chunks.projected_kl(x_a, x_b, adapter.out_weight).sum())
         tokens += int(valid.sum())
     return total / max(tokens, 1)
 
@@ -177,22 +178,22 @@ def plot(rows, names, frozen, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, dtype, why = M.pick_device(args.device)
+    device, dtype, why = loading.pick_device(args.device)
     print(why)
     names = [name_of(c) for c in args.checkpoint]
-    adapter, tok, configs = M.load_composition(args.checkpoint, args.weights[0], device, dtype)
+    adapter, tok, configs = loading.load_composition(args.checkpoint, args.weights[0], device, dtype)
     alphas = (configs[0]["alpha0"], configs[0]["alpha_tilde"])
     eval_args = argparse.Namespace(alpha0=alphas[0], alpha_tilde=alphas[1], gamma=configs[0].get("gamma", 1.0),
-                                   beta=configs[0].get("beta", 0.0), batch_size=args.batch_size)
+                                   beta=configs[0].get("beta", 0.0), batch_size=args.batch_size, path="fused")
     collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
     tests = {n: held_out_set(tok, c, args.limit) for n, c in zip(names, configs)}
     # the frozen outputs per test set, kept across the weights; log Z1 belongs to the policy below
     # the head, so a run stacked on other heads gets caches of its own
     caches = {}
-    cache_for = lambda n, a: caches.setdefault((n, id(a) if a.below else "base"), train.FrozenCache(8.0))  # noqa: E731
+    cache_for = lambda n, a: caches.setdefault((n, id(a) if a.below else "base"), FrozenCache(8.0))  # noqa: E731
     joint = joint_alphas = None
     if args.joint:
-        joint_adapter, _, joint_config = M.load_adapter(args.joint, device, dtype, base=adapter.base, tokenizer=tok)
+        joint_adapter, _, joint_config = loading.load_adapter(args.joint, device, dtype, base=adapter.base, tokenizer=tok)
         joint, joint_alphas = joint_adapter, (joint_config["alpha0"], joint_config["alpha_tilde"])
     arc = None
     if args.arc_easy:
@@ -221,7 +222,7 @@ def main(argv=None):
         rows.append(row)
     references = {}  # name -> {column: value}: the joint head and any --reference run, each on every test set
     for path in ([args.joint] if args.joint else []) + args.reference:
-        other, _, config = M.load_adapter(path, device, dtype, base=adapter.base, tokenizer=tok)
+        other, _, config = loading.load_adapter(path, device, dtype, base=adapter.base, tokenizer=tok)
         other_args = argparse.Namespace(**{**vars(eval_args), "alpha0": config["alpha0"],
                                            "alpha_tilde": config["alpha_tilde"], "gamma": config.get("gamma", 1.0)})
         ref = references.setdefault(name_of(path) + (" (joint)" if path == args.joint else ""), {})
@@ -248,7 +249,7 @@ def main(argv=None):
         lines.append(f"| {ref_name} | " + " | ".join(f"{ref[c]:.3f}" if c in ref else "" for c in columns) + " |")
     table = "\n".join(lines) + "\n"
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table)):
-        train.write_atomic(out.with_suffix(suffix), text)
+        run_state.write_atomic(out.with_suffix(suffix), text)
     png = plot(rows, names, frozen, out.with_suffix(".png"))
     print("\n" + table)
     print(f"held-out pairs: {result['test_pairs']}; accuracy of the frozen model's log-prob margin: "

@@ -47,11 +47,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import cli
 import data
 import model as M
 from residual_q import (IGNORE, derived_reward, gather_actions, next_tokens, response_return,
                         scored_states, soft_value)
+from support import cli, loading
 
 HERE = Path(__file__).resolve().parent
 HUB = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "mmlu": ("cais/mmlu", "all")}
@@ -115,7 +115,7 @@ class QAdapterPolicy(FrozenPolicy):
         return self.name if trained and len(self.alphas) == 1 else f"{self.name} α0={alpha0:g}"
 
     def _score(self, ids, mask, states, labels, with_frozen=True):
-        q_r, logp1, _, _, _ = self.adapter(ids, mask, states)  # (B, W, V) each
+        q_r, logp1, *_ = self.adapter(ids, mask, states)  # (B, W, V) each
         # a head stacked on earlier heads customises their policy (model.QAdapter.prior): its log pi1
         # is then not the base model's, which the frozen row and the KL are about
         base_logp = self.window_logp1(ids, mask, states) if len(getattr(self.adapter, "below", ())) else logp1
@@ -183,19 +183,19 @@ def frozen_generate(policy, tokenizer, conversations, max_new_tokens, batch_size
 def load_policy(path, alphas, device, dtype, trust_remote_code=False):
     """A train.py or baselines.py output directory (told apart by config.json's "method")."""
     path = Path(path)
-    ckpt = path / "checkpoint" if (path / "checkpoint" / M.CONFIG_FILE).exists() else path
-    if not (ckpt / M.CONFIG_FILE).exists():
+    ckpt = path / "checkpoint" if (path / "checkpoint" / loading.CONFIG_FILE).exists() else path
+    if not (ckpt / loading.CONFIG_FILE).exists():
         raise SystemExit(f"error: --checkpoint {path}: no config.json (not a train.py or baselines.py output)")
     try:
-        config = json.loads((ckpt / M.CONFIG_FILE).read_text())
+        config = json.loads((ckpt / loading.CONFIG_FILE).read_text())
     except ValueError as e:
-        raise SystemExit(f"error: {ckpt / M.CONFIG_FILE}: not JSON ({e})")
+        raise SystemExit(f"error: {ckpt / loading.CONFIG_FILE}: not JSON ({e})")
     name = path.name if path.name != "checkpoint" else path.parent.name
     if "method" in config:
         from baselines import load_checkpoint
         peft_model, tok, config = load_checkpoint(ckpt, device, dtype, trust_remote_code=trust_remote_code)
         return LoraPolicy(peft_model, config, name), tok
-    adapter, tok, config = M.load_adapter(ckpt, device, dtype, trust_remote_code=trust_remote_code)
+    adapter, tok, config = loading.load_adapter(ckpt, device, dtype, trust_remote_code=trust_remote_code)
     adapter.head.eval()
     pairs = [(a, a) for a in alphas] if alphas else [(config["alpha0"], config["alpha_tilde"])]
     return QAdapterPolicy(adapter, config, pairs, name), tok
@@ -537,7 +537,7 @@ def main(argv=None):
         print(f"wrote {replot(args)}")
         return None
     t_start = time.time()
-    device, dtype, why = M.pick_device(args.device, args.dtype)
+    device, dtype, why = loading.pick_device(args.device, args.dtype)
     print(why)
     benchmarks = {name: evenly_spaced(read_benchmark(name, source), args.mc_limit)
                   for name, source in (("arc_easy", args.arc_easy), ("mmlu", args.mmlu)) if source}

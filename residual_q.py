@@ -56,6 +56,10 @@ def scored_states(labels):
     _, mask = next_tokens(labels)  # (B, T-1)
     first = mask.int().argmax(-1)  # (B,) state before the first response token
     length = mask.sum(-1)  # (B,) response tokens
+    last = mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)  # (B,) state before the last one
+    if bool(((last - first + 1 != length) & (length > 0)).any()):
+        raise ValueError("scored_states: a row's scored labels are not one contiguous run (the window "
+                         "assumes prompt, then response, then padding: data.py's contract)")
     offsets = torch.arange(int(length.max()) + 1, device=labels.device)  # (W,)
     index = (first[:, None] + offsets).clamp(max=labels.shape[1] - 1)  # (B, W)
     inside = offsets <= length[:, None]  # (B, W)

@@ -1,7 +1,9 @@
 """Decoding from the customised policy pi~(a|s) = softmax((Q_R(s,a) + α0·log pi1(a|s)) / α̃).
 
 Each step runs the frozen model and the head on the newest token only: both keep a KV cache, so
-the prefix is never re-run. The prompts of a batch are left-padded and decoded together; a
+the prefix is never re-run. `--path plain` takes the step's logits as residual_q.customised_logits
+writes them, from Q_R and log pi1 over the vocabulary (model.QAdapter.forward); the default,
+`--path fused`, projects u + α0·h once instead (support/fused_path.next_logits; tested equal). The prompts of a batch are left-padded and decoded together; a
 sequence stops at its end-of-turn token. `--compare` decodes the same prompts with the frozen model
 alone (same loop, same seed) and prints the two answers side by side.
 
@@ -24,9 +26,10 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-import cli
 import data
-import model as M
+from model import positions
+from residual_q import customised_logits
+from support import cli, fused_path, loading
 
 
 def pick_next(logits, temperature, top_k, top_p, generator):
@@ -52,14 +55,23 @@ def stop_ids(tokenizer, base):
     return sorted(i for i in ids if i is not None)
 
 
+def next_logits(adapter, ids, mask, position_ids, base_cache, head_cache, alpha0, alpha_tilde, path="fused"):
+    """(B, V) logits of pi~ at the newest position: z = (Q_R + α0·log pi1) / α̃; caches filled in place.
+    head_cache None: the frozen base model's own logits, the same on both paths."""
+    if path == "fused" or head_cache is None:
+        return fused_path.next_logits(adapter, ids, mask, position_ids, base_cache, head_cache, alpha0, alpha_tilde)
+    newest = torch.full((ids.shape[0], 1), ids.shape[1] - 1, device=ids.device)  # (B, 1)
+    q_r, logp1, base_cache, head_cache = adapter(ids, mask, newest, position_ids, base_cache, head_cache)  # (B, 1, V)
+    return customised_logits(q_r, logp1, alpha0, alpha_tilde)[:, -1], base_cache, head_cache
+
+
 @torch.no_grad()
 def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max_new_tokens=128,
-             temperature=0.0, top_k=0, top_p=1.0, seed=0, frozen_only=False, stop_at_eos=True):
+             temperature=0.0, top_k=0, top_p=1.0, seed=0, frozen_only=False, stop_at_eos=True, path="fused"):
     """conversations: list of message lists. Returns a list of (answer text, finished at EOS).
 
-    Each step projects u + α0·h once (QAdapter.next_logits): log pi1's normaliser is one constant
-    per state and cancels in the softmax, so it is never computed. frozen_only decodes pi1 alone
-    (the head is not run). stop_at_eos=False always decodes max_new_tokens (bench.py times it)."""
+    frozen_only decodes the frozen base model alone (no head is run). stop_at_eos=False always
+    decodes max_new_tokens (bench.py times it)."""
     device = adapter.out_weight.device
     tokenizer.padding_side = "left"
     enc = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
@@ -72,10 +84,10 @@ def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max
     generator = torch.Generator(device=device).manual_seed(seed)
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    step_ids, step_pos = ids, M.positions(mask)
+    step_ids, step_pos = ids, positions(mask)
     for _ in range(max_new_tokens):
-        logits, base_cache, head_cache = adapter.next_logits(step_ids, mask, step_pos, base_cache, head_cache,
-                                                             alpha0, alpha_tilde)  # (B, V)
+        logits, base_cache, head_cache = next_logits(adapter, step_ids, mask, step_pos, base_cache, head_cache,
+                                                     alpha0, alpha_tilde, path)  # (B, V)
         nxt = pick_next(logits, temperature, top_k, top_p, generator)  # (B,)
         nxt = nxt.masked_fill(done, tokenizer.pad_token_id)
         out = torch.cat([out, nxt[:, None]], dim=1)
@@ -131,9 +143,12 @@ def main(argv=None):
     ap.add_argument("--prompts-file", help="one prompt per line, or a preference .jsonl (its prompts)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0: all)")
     ap.add_argument("--alpha0", type=float, default=None,
-                    help="weight α0 on the frozen model at decode time, a retention knob: larger keeps "
-                         "closer to the frozen model. The head was trained for one value (the default, "
-                         "read from the checkpoint); others are an extrapolation")
+                    help="decode-time dial a, as in evaluate.py: α0 = α̃ = a, so pi~ ∝ pi1·exp(Q_R / a); larger "
+                         "keeps closer to the frozen model (a → ∞ is pi1). Default: the checkpoint's α0 and α̃, "
+                         "the values the head was trained for; others are an extrapolation")
+    ap.add_argument("--path", default="fused", choices=["fused", "plain"],
+                    help="plain: each step's logits from Q_R and log pi1 over the vocabulary, as residual_q.py "
+                         "writes them; fused: one projection of u + α0·h (the same logits, faster)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     ap.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: off)")
@@ -152,23 +167,23 @@ def main(argv=None):
     cli.check(args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}")
     cli.check(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
     cli.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    cli.check(args.alpha0 is None or args.alpha0 >= 0, f"--alpha0 must be >= 0, got {args.alpha0}")
+    cli.check(args.alpha0 is None or args.alpha0 > 0, f"--alpha0 must be > 0 (it is also α̃, which divides the logits), got {args.alpha0}")
 
-    device, dtype, why = M.pick_device(args.device)
+    device, dtype, why = loading.pick_device(args.device)
     print(why)
     if len(args.checkpoint) == 1 and args.weights is None:
-        adapter, tok, config = M.load_adapter(args.checkpoint[0], device, dtype, trust_remote_code=args.trust_remote_code)
+        adapter, tok, config = loading.load_adapter(args.checkpoint[0], device, dtype, trust_remote_code=args.trust_remote_code)
     else:
         weights = args.weights or [1.0] * len(args.checkpoint)
-        adapter, tok, configs = M.load_composition(args.checkpoint, weights, device, dtype, args.trust_remote_code)
+        adapter, tok, configs = loading.load_composition(args.checkpoint, weights, device, dtype, args.trust_remote_code)
         config = configs[0]
         print("composed: " + " + ".join(f"{w:g}·Q_R[{c}]" for w, c in zip(weights, args.checkpoint)))
-    alpha0 = config["alpha0"] if args.alpha0 is None else args.alpha0
+    alpha0, alpha_tilde = (config["alpha0"], config["alpha_tilde"]) if args.alpha0 is None else (args.alpha0,) * 2
     conversations = read_prompts(args)[:args.limit or None]
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed)
+                top_p=args.top_p, seed=args.seed, path=args.path)
     custom = generate_batched(adapter, tok, conversations, args.batch_size, "customised", alpha0=alpha0,
-                              alpha_tilde=config["alpha_tilde"], **opts)
+                              alpha_tilde=alpha_tilde, **opts)
     frozen = generate_batched(adapter, tok, conversations, args.batch_size, "frozen", frozen_only=True,
                               **opts) if args.compare else None
 
@@ -180,10 +195,10 @@ def main(argv=None):
             continue
         left = textwrap.wrap(frozen[i][0], width) or [""]
         right = textwrap.wrap(custom[i][0], width) or [""]
-        print(f"{'frozen pi1':<{width}} | customised pi~ (α0={alpha0:g})")
+        print(f"{'frozen pi1':<{width}} | customised pi~ (α0={alpha0:g}, α̃={alpha_tilde:g})")
         for k in range(max(len(left), len(right))):
             print(f"{left[k] if k < len(left) else '':<{width}} | {right[k] if k < len(right) else ''}")
-    results = {"alpha0": alpha0, "answers": [{"prompt": c, "customised": a[0], "finished": a[1]}
+    results = {"alpha0": alpha0, "alpha_tilde": alpha_tilde, "answers": [{"prompt": c, "customised": a[0], "finished": a[1]}
                                               for c, a in zip(conversations, custom)]}
     if frozen is not None:
         for r, a in zip(results["answers"], frozen):

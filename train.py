@@ -1,10 +1,16 @@
 """Train a Q-head: customise a frozen LLM to a new preference (Q-Adapter, arXiv 2407.03856).
 
-Per batch of preference pairs: the frozen model gives its hidden states (no gradients), the head
-reads them, and QAdapter.scores (model.py) gives Q_R(s,a), log pi1(a|s) and V(s) at the states
-that take a response action; the derived per-token reward r2 and the returns R come from
-residual_q.py, the Bradley–Terry loss from bt_loss.py. Only the head is trained. Evaluation uses
-the whole Q_R and log pi1 vectors (model.QAdapter.forward) for the KL to the frozen model.
+One batch of preference pairs, in the paper's order (`batch_loss`):
+  1. data.py         the pairs as 2B token rows, chosen first, with the response tokens labelled;
+  2. model.py        the frozen model gives log pi1(·|s), the head gives Q_R(s,·), over the vocabulary;
+  3. residual_q.py   V(s) = α̃·logsumexp((Q_R + α0·log pi1)/α̃), Q_R(s_t, a_t), and the derived
+                     reward r2 = Q_R(s_t, a_t) − γ·V(s_{t+1}) of every response token;
+  4. bt_loss.py      L = −log σ(R(y_w) − R(y_l)) + β·mean r2², with R = Σ_t r2.
+Only the head is trained. `--path plain` runs exactly these steps (`scores_plain`). The default,
+`--path fused`, gets the same Q_R(s_t, a_t), V(s_t) and log pi1(a_t|s_t) without (2B, T, V)
+tensors and keeps the frozen model's outputs across epochs (support/fused_path.py; tested equal,
+values and gradients); steps 3b and 4 are the same code for both. Evaluation reads the same
+numbers on held-out pairs, plus KL(pi~ ‖ pi1) at every response state.
 
     python train.py                                   # the embedded demo: SmolLM2-135M, concise answers, CPU
     python train.py --base-model meta-llama/Llama-3.1-8B-Instruct \\
@@ -16,18 +22,10 @@ the whole Q_R and log pi1 vectors (model.QAdapter.forward) for the KL to the fro
 
 Writes to --out-dir: metrics.jsonl (one JSON record per step and per evaluation), summary.json, and
 checkpoint/ (head.safetensors, config.json, trainer_state.pt), replaced atomically at each save.
-
-Stopping and resuming: Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits
-(130 / 143); `--resume` then continues exactly where the uninterrupted run would have been (head,
-optimizer, schedule, data order and RNG restored), and so it does from the last checkpoint after a
-kill -9 (`--save-every N` saves more often than `--eval-every`). A loss or gradient that is not
+Ctrl-C or SIGTERM finishes the step, saves and exits (130 / 143); `--resume` then continues exactly
+where the uninterrupted run would have been (support/run_state.py). A loss or gradient that is not
 finite stops the run (exit 1) without saving over the last good checkpoint. Bad flags, files and
-checkpoints give one line and exit code 2 (cli.py).
-
-Several processes (torchrun): each holds the whole frozen model and a copy of the head, whose
-gradients DistributedDataParallel averages (gloo on CPUs, NCCL on GPUs). --batch-size is per
-process: an optimiser step sees batch-size x grad-accum x processes pairs, and gives what one
-process with that batch gives. Only rank 0 prints, evaluates, writes metrics and checkpoints.
+checkpoints give one line and exit code 2 (support/cli.py). Several processes: support/distributed.py.
 """
 import os
 
@@ -38,34 +36,37 @@ import argparse
 import json
 import math
 import random
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import cli
 import data
 import model as M
 from bt_loss import bt_loss
-from residual_q import IGNORE, derived_reward, next_tokens, scored_states
+from residual_q import derived_reward, gather_actions, kl_to_frozen, next_tokens, soft_value
 from sample import generate
+from support import cli, distributed, fused_path, loading, run_state
+from support.frozen_cache import FrozenCache
 
 HERE = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------
+# flags
 
 
 def build_parser(description=__doc__):
     """The flags of train.py; baselines.py adds its own to the same parser."""
     ap = cli.Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument_group("model")
-    a.add_argument("--base-model", default=M.EMBEDDED,
-                   help=f"frozen model pi1: a Hugging Face hub name or local path ({M.EMBEDDED}: the embedded default)")
+    a.add_argument("--base-model", default=loading.EMBEDDED,
+                   help=f"frozen model pi1: a Hugging Face hub name or local path ({loading.EMBEDDED}: the embedded default)")
     a.add_argument("--head-width", type=int, default=256, help="width of the Q-head's transformer")
     a.add_argument("--head-layers", type=int, default=2, help="layers of the Q-head's transformer")
     a.add_argument("--head-heads", type=int, default=4, help="attention heads of the Q-head")
@@ -83,6 +84,10 @@ def build_parser(description=__doc__):
     a.add_argument("--gamma", type=float, default=1.0, help="γ, discount in r2 = Q_R − γ·V(s')")
     a.add_argument("--beta", type=float, default=0.01,
                    help="β, weight of the mean r2² regulariser (0: off; the official code uses 0.1)")
+    a.add_argument("--path", default="fused", choices=["fused", "plain"],
+                   help="how Q_R and log pi1 reach the loss: plain builds them over the whole vocabulary and "
+                        "applies residual_q.py as written (the reference); fused gets the same numbers without "
+                        "(2B, T, V) tensors and keeps the frozen outputs across epochs (support/fused_path.py)")
     a = ap.add_argument_group("data")
     a.add_argument("--data", default=str(HERE / "demo" / "concise_train.jsonl"),
                    help="preference pairs: .jsonl/.json/.parquet file or a hub data set name")
@@ -92,6 +97,11 @@ def build_parser(description=__doc__):
     a.add_argument("--test-fraction", type=float, default=0.2, help="share of prompts held out when splitting")
     a.add_argument("--cutoff", type=int, default=256, help="tokens per sequence at most (prompt + response)")
     a.add_argument("--max-prompt", type=int, default=None, help="prompt tokens kept at most, its end (default cutoff/2)")
+    add_run_flags(ap)
+    return ap
+
+
+def add_run_flags(ap):
     a = ap.add_argument_group("optimisation")
     a.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW), linear warm-up then cosine")
     a.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
@@ -126,11 +136,10 @@ def build_parser(description=__doc__):
     a.add_argument("--device-map", default=None,
                    help="spread a frozen model too large for one GPU over all visible GPUs ('auto', via "
                         "accelerate); the head goes where the output layer is")
-    return ap
 
 
 def parse_args(argv=None, parser=None):
-    """The flags, range-checked: a value out of range is a one-line error (exit code 2, cli.py)."""
+    """The flags, range-checked: a value out of range is a one-line error (exit code 2, support/cli.py)."""
     args = (parser or build_parser()).parse_args(argv)
     cli.check(args.alpha_tilde > 0, f"--alpha-tilde must be > 0 (it divides the logits), got {args.alpha_tilde}")
     cli.check(args.alpha0 >= 0, f"--alpha0 must be >= 0 (a weight on log pi1), got {args.alpha0}")
@@ -139,14 +148,13 @@ def parse_args(argv=None, parser=None):
     cli.check(args.cutoff >= 2, f"--cutoff must leave room for a prompt token and a response token (>= 2), got {args.cutoff}")
     cli.check(args.max_prompt is None or args.max_prompt >= 1, f"--max-prompt must be >= 1, got {args.max_prompt}")
     cli.check(0 < args.test_fraction < 1, f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    cli.check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    for flag in ("lr", "max_grad_norm"):
+        cli.check(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     cli.check(0 <= args.warmup < 1, f"--warmup must be in [0, 1), got {args.warmup}")
-    cli.check(args.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
-    cli.check(args.cache_gb >= 0, f"--cache-gb must be >= 0, got {args.cache_gb}")
-    cli.check(args.cache_disk_gb >= 0, f"--cache-disk-gb must be >= 0, got {args.cache_disk_gb}")
     for flag in ("epochs", "batch_size", "grad_accum", "head_width", "head_layers", "head_heads"):
         cli.check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("eval_every", "save_every", "train_limit", "eval_limit", "samples", "max_steps"):
+    for flag in ("eval_every", "save_every", "train_limit", "eval_limit", "samples", "max_steps", "cache_gb",
+                 "cache_disk_gb"):
         cli.check(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     cli.check(args.head_width % (2 * args.head_heads) == 0,
               f"--head-width {args.head_width} must be a multiple of 2 x --head-heads {args.head_heads} (even head size for RoPE)")
@@ -155,459 +163,224 @@ def parse_args(argv=None, parser=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# the frozen model's hidden states, kept across epochs
+# the loss of a batch
 
 
-class FrozenCache:
-    """The frozen model's outputs per sequence, kept after their first computation: its hidden
-    states h (T, D) and log Z1 at the scored states, what the head and the loss read from it. A
-    later epoch or evaluation then skips the frozen forward and the log Z1 projection, the
-    costliest part of a step. Kept in memory up to budget_gb, then on disk up to disk_gb (one
-    temporary file in disk_dir, deleted when the run ends); a sequence kept nowhere is recomputed.
-    Both keep the exact bits: the frozen model never changes, so what is read back is what a
-    recomputation of the same batch gives (tests/test_speed_paths.py)."""
-
-    def __init__(self, budget_gb, disk_gb=0.0, disk_dir=None):
-        self.budget, self.used, self.store = budget_gb * 2**30, 0, {}
-        self.disk_budget, self.disk_used, self.disk_dir, self.file = disk_gb * 2**30, 0, disk_dir, None
-
-    def get(self, keys, mask, width):
-        """keys: one per row; mask: (N, T). Right-padded hidden (N, T, D) and logz1 (N, W), each
-        None when a row has none kept."""
-        rows = [self.store.get(k) for k in keys]
-        if any(r is None for r in rows):
-            return None, None
-        rows = [(self._read(h), self._read(z)) for h, z in rows]
-        hidden = rows[0][0].new_zeros(len(rows), mask.shape[1], rows[0][0].shape[-1])  # (N, T, D)
-        for i, (h, _) in enumerate(rows):
-            hidden[i, :len(h)] = h
-        if any(z is None for _, z in rows):
-            return hidden, None
-        logz1 = hidden.new_zeros(len(rows), width, dtype=torch.float32)  # (N, W)
-        for i, (_, z) in enumerate(rows):
-            logz1[i, :len(z)] = z
-        return hidden, logz1
-
-    def put(self, keys, hidden, mask, logz1=None, window_labels=None):
-        lengths = mask.sum(-1).tolist()
-        widths = [None] * len(keys) if logz1 is None else ((window_labels != IGNORE).sum(-1) + 1).tolist()
-        for i, (k, n, w) in enumerate(zip(keys, lengths, widths)):
-            if k in self.store:
-                continue
-            entry = (hidden[i, :n], None if logz1 is None else logz1[i, :w])  # (n, D), (w,)
-            size = sum(x.nbytes for x in entry if x is not None)
-            if self.used + size <= self.budget:
-                self.store[k] = tuple(None if x is None else x.clone() for x in entry)
-                self.used += size
-            elif self.disk_used + size <= self.disk_budget:
-                self.store[k] = tuple(self._write(x) for x in entry)
-                self.disk_used += size
-
-    def _write(self, x):
-        """Appends x's bytes to the cache file; returns where to find them: (offset, shape, dtype, device)."""
-        if x is None:
-            return None
-        if self.file is None:
-            self.file = tempfile.TemporaryFile(prefix="frozen-cache-", dir=self.disk_dir)  # gone when closed
-        offset = self.file.seek(0, os.SEEK_END)
-        self.file.write(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-        return offset, x.shape, x.dtype, x.device
-
-    def _read(self, x):
-        """A kept tensor, from memory or from the cache file, on the device it came from."""
-        if not isinstance(x, tuple):
-            return x
-        offset, shape, dtype, device = x
-        buffer = bytearray(shape.numel() * dtype.itemsize)
-        self.file.seek(offset)
-        self.file.readinto(buffer)
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape).to(device)
+class Scores(NamedTuple):
+    """What the loss and evaluation read, per response token of the 2B rows (chosen first)."""
+    q_sa: torch.Tensor  # (2B, T-1) Q_R(s_t, a_t)
+    v: torch.Tensor  # (2B, T) V(s_t)
+    logp1_sa: torch.Tensor  # (2B, T-1) log pi1(a_t | s_t)
+    kl: torch.Tensor | None  # (2B, T-1) KL(pi~ ‖ pi1) at s_t (evaluation only)
+    labels: torch.Tensor  # (2B, T) IGNORE except at the response tokens
 
 
-# ------------------------------------------------------------------------------------------------
-# one batch through the model and the loss
+def scores_plain(adapter, batch, args, with_kl=False):
+    """The paper's quantities as written: Q_R and log pi1 over the whole vocabulary, then residual_q.py."""
+    q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"])  # (2B, T, V) each
+    labels = batch["labels"]  # (2B, T)
+    v = soft_value(q_r, logp1, args.alpha0, args.alpha_tilde)  # (2B, T) V(s_t)
+    kl = None
+    if with_kl:
+        kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1] * next_tokens(labels)[1]  # (2B, T-1)
+    return Scores(gather_actions(q_r, labels), v, gather_actions(logp1, labels), kl, labels)
 
 
-def frozen_hidden(adapter, ids, mask, width):
-    """The frozen hidden states of right-padded rows, run without the columns that are padding in
-    every row (chosen answers are often much shorter than rejected ones), padded back to width."""
-    n = int(mask.sum(-1).max())
-    hidden, _ = adapter.hidden(ids[:, :n], mask[:, :n], M.positions(mask[:, :n]))  # (B, n, D)
-    hidden = hidden.masked_fill(mask[:, :n, None] == 0, 0)  # padding reads as zeros, as FrozenCache.get gives it
-    return torch.nn.functional.pad(hidden, (0, 0, 0, width - n))
+def scores(adapter, batch, keys, cache, args, with_kl=False):
+    """--path plain: scores_plain. --path fused: the same numbers on the scored window alone (labels
+    then describe the window), from cached frozen outputs where kept (support/fused_path.py)."""
+    if args.path == "plain":
+        return scores_plain(adapter, batch, args, with_kl)
+    return Scores(*fused_path.pair_scores(adapter, batch, keys, cache, args.alpha0, args.alpha_tilde, with_kl))
 
 
-def action_window(labels):
-    """labels (2B, T) -> (states, window_labels, actions, valid), each (2B, W): the scored window
-    (residual_q.scored_states), the action a_t taken in each state (0 in the last, which takes
-    none), and which states take one (the window minus its padding and the terminal state)."""
-    states, window_labels = scored_states(labels)  # (2B, W) each
-    actions, _ = next_tokens(window_labels)  # (2B, W-1) a_t of each state
-    actions = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # (2B, W)
-    valid = torch.arange(states.shape[1], device=labels.device) < (window_labels != IGNORE).sum(-1, keepdim=True)
-    return states, window_labels, actions, valid
-
-
-def pair_scores(adapter, batch, keys, cache, args, device):
-    """batch: data.collate output (2B sequences, chosen first); keys name its pairs for the cache.
-    Q_R(s, a), log pi1(a|s) and V(s) at the states that take a response action (QAdapter.scores:
-    no (2B, W, V) tensor), with the frozen outputs read from the cache or computed and kept.
-    Returns (q_sa, logp1_sa, v, valid) (2B, W) each, window_labels (2B, W), and the hidden states."""
-    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    rows = [(k, "chosen") for k in keys] + [(k, "rejected") for k in keys]
-    states, window_labels, actions, valid = action_window(labels)  # (2B, W) each
-    hidden, logz1 = cache.get(rows, mask, states.shape[1])
-    if hidden is None:  # the chosen and the rejected rows separately, each cut to its own length
-        hidden = torch.cat([frozen_hidden(adapter, i, m, mask.shape[1])
-                            for i, m in zip(ids.chunk(2), mask.chunk(2))])  # (2B, T, D)
-    q_sa, logp1_sa, v, hidden, logz1 = adapter.scores(ids, mask, states, actions, valid, args.alpha0,
-                                                      args.alpha_tilde, hidden, logz1)  # (2B, W) each
-    cache.put(rows, hidden, mask, logz1, window_labels)
-    return q_sa, logp1_sa, v, valid, window_labels, hidden
-
-
-def batch_loss(adapter, batch, keys, cache, args, device):
-    """The Bradley-Terry loss of one batch (see pair_scores). Returns (loss, metrics)."""
-    q_sa, _, v, _, window_labels, _ = pair_scores(adapter, batch, keys, cache, args, device)
-    r2 = derived_reward(q_sa[:, :-1], v, window_labels, args.gamma)  # (2B, W-1)
-    return bt_loss(r2, window_labels, args.beta)
+def batch_loss(adapter, batch, keys, cache, args):
+    """The Bradley–Terry loss of one batch; keys name its pairs for the frozen-output cache."""
+    s = scores(adapter, batch, keys, cache, args)
+    r2 = derived_reward(s.q_sa, s.v, s.labels, args.gamma)  # (2B, T-1) r2(s_t, a_t) = Q_R − γ·V(s_{t+1})
+    return bt_loss(r2, s.labels, args.beta)  # −log σ(R(y_w) − R(y_l)) + β·mean r2²
 
 
 @torch.no_grad()
 def evaluate(adapter, test_set, cache, args, device, collate):
     """Held-out BT metrics, per-token KL(pi~‖pi1) on the responses, and two reference accuracies:
-    the frozen model's own log-prob margin, and "the longer answer wins". Like training, it never
-    builds a (2B, W, V) tensor: the KL goes through the vocabulary a chunk of states at a time."""
+    the frozen model's own log-prob margin, and "the longer answer wins"."""
     adapter.head.eval()
     sums, n_pairs, kl_sum, kl_tokens = {}, 0, 0.0, 0
     for start in tqdm(range(0, len(test_set), args.batch_size), desc="evaluating", leave=False):
         idx = list(range(start, min(start + args.batch_size, len(test_set))))
-        batch = collate([test_set[i] for i in idx])
-        q_sa, logp1_sa, v, valid, labels, hidden = pair_scores(adapter, batch, [("test", i) for i in idx],
-                                                               cache, args, device)  # (2B, W) each
-        r2 = derived_reward(q_sa[:, :-1], v, labels, args.gamma)  # (2B, W-1)
-        _, metrics = bt_loss(r2, labels, args.beta)
-        B = len(idx)
-        states, *_ = action_window(batch["labels"].to(device))  # (2B, W)
-        x_tilde, x1 = adapter.directions(hidden, batch["attention_mask"].to(device), states, valid,
-                                         args.alpha0, args.alpha_tilde)  # (N, D) each
-        kl_sum += float(M.projected_kl(x_tilde, x1, adapter.out_weight).sum())
-        kl_tokens += int(valid.sum())
-        frozen_chosen, frozen_rejected = (logp1_sa * valid).sum(-1).chunk(2)  # log pi1(y|x) of each response
-        len_chosen, len_rejected = valid.sum(-1).chunk(2)
+        batch = {k: v.to(device) for k, v in collate([test_set[i] for i in idx]).items()}
+        s = scores(adapter, batch, [("test", i) for i in idx], cache, args, with_kl=True)
+        _, metrics = bt_loss(derived_reward(s.q_sa, s.v, s.labels, args.gamma), s.labels, args.beta)
+        _, mask = next_tokens(s.labels)  # (2B, T-1) response tokens
+        kl_sum, kl_tokens = kl_sum + float(s.kl.sum()), kl_tokens + int(mask.sum())
+        frozen_chosen, frozen_rejected = s.logp1_sa.sum(-1).chunk(2)  # log pi1(y|x) of each response
+        len_chosen, len_rejected = mask.sum(-1).chunk(2)
         metrics["frozen_logp_accuracy"] = (frozen_chosen > frozen_rejected).float().mean()
         metrics["longer_wins_accuracy"] = ((len_chosen > len_rejected).float()
                                            + 0.5 * (len_chosen == len_rejected).float()).mean()
         for k, value in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(value) * B
-        n_pairs += B
+            sums[k] = sums.get(k, 0.0) + float(value) * len(idx)
+        n_pairs += len(idx)
     adapter.head.train()
-    out = {f"eval/{k}": value / n_pairs for k, value in sums.items()}
-    out["eval/kl"] = kl_sum / max(kl_tokens, 1)
-    return out
+    return {**{f"eval/{k}": value / n_pairs for k, value in sums.items()}, "eval/kl": kl_sum / max(kl_tokens, 1)}
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints: written to a temporary folder, then swapped in, so a crash (even kill -9) never
-# leaves half of one; weights as safetensors, the optimizer's tensors loaded with weights_only=True
-
-# flags a resumed run must share with the checkpoint: the model's shape, and the data order
-RESUME_MUST_MATCH = ("base_model", "base_heads", "head_width", "head_layers", "head_heads", "batch_size",
-                     "grad_accum", "seed", "world_size")
+# setting up a run
 
 
-def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, world):
-    final, tmp, old = out_dir / "checkpoint", out_dir / ".checkpoint-tmp", out_dir / ".checkpoint-old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = {"base_model": args.base_model, "base_vocab_size": adapter.out_weight.shape[0], "world_size": world,
-            "base_heads": args.chain,  # the heads this one is stacked on (model.chain_of)
-            **{k: getattr(args, k) for k in
-               ("alpha0", "alpha_tilde", "gamma", "beta", "cutoff", "max_prompt", "lr", "epochs", "batch_size",
-                "grad_accum", "seed", "head_width", "head_layers", "head_heads", "data", "test_data", "split",
-                "test_fraction", "train_limit", "eval_limit")}, **progress}
-    M.save_adapter(tmp, adapter.head, meta)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), **progress}, tmp / "trainer_state.pt")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)  # the moment the new checkpoint becomes the checkpoint
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_trainer_state(out_dir, adapter, optimizer, scheduler, args, world):
-    ckpt = out_dir / "checkpoint"
-    if not ckpt.exists() and (out_dir / ".checkpoint-old").exists():  # killed between the two renames
-        os.replace(out_dir / ".checkpoint-old", ckpt)
-    if not (ckpt / "trainer_state.pt").exists():
-        raise SystemExit(f"error: --resume: no checkpoint in {ckpt}")
-    try:
-        config = json.loads((ckpt / M.CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        config = {}  # load_adapter below says what is wrong with it
-    ours = {**vars(args), "world_size": world, "base_heads": args.chain}
-    for key in RESUME_MUST_MATCH:  # checked first: another base model is named, not found by its shapes
-        if key in config and config[key] != ours[key]:
-            flag = {"world_size": "processes", "base_heads": "--base-head"}.get(key, "--" + key.replace("_", "-"))
-            raise SystemExit(f"error: --resume: {ckpt} was trained with {flag} {config[key]}, not {ours[key]}")
-    saved, _, _ = M.load_adapter(ckpt, base=adapter.base)  # safetensors only, with clear errors
-    adapter.head.load_state_dict(saved.head.state_dict())
-    try:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        return {k: state[k] for k in ("step", "epoch", "batch_in_epoch")}
-    except Exception as e:  # a truncated or foreign file; torch's messages run to many lines
-        raise SystemExit(f"error: {ckpt / 'trainer_state.pt'}: unreadable ({str(e).splitlines()[0][:200]})")
-
-
-def check_out_dir(out_dir, args):
-    """A new run never overwrites an old one by accident."""
-    if args.resume or args.overwrite:
-        return
-    if (out_dir / "checkpoint").exists() or (out_dir / "metrics.jsonl").exists():
-        raise SystemExit(f"error: {out_dir} already holds a run: --resume continues it, --overwrite starts again")
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def records_until(path, step):
-    """The metrics.jsonl records up to `step`, as lines; a last line cut short by a kill is dropped."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    return "".join(line + "\n" for line in kept)
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------
-# stopping: Ctrl-C and SIGTERM finish the step and save; a loss that is not finite saves nothing
-
-
-class StopSignals:
-    """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption, torchrun passing one
-    on) only set `code`; the training loop checks it after each step, saves a checkpoint and exits
-    with 130 or 143. A second signal stops at once (KeyboardInterrupt)."""
-
-    def __enter__(self):
-        self.code, self.previous = 0, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in self.previous:
-            signal.signal(s, self.handler)
-        return self
-
-    def handler(self, signum, frame):
-        if self.code:
-            raise KeyboardInterrupt
-        self.code = cli.INTERRUPTED if signum == signal.SIGINT else cli.TERMINATED
-        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step (again: stop at once)")
-
-    def __exit__(self, *exc):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-
-class NotFinite(Exception):
-    """The loss or the gradient became NaN or infinite."""
-
-
-# ------------------------------------------------------------------------------------------------
-# more than one process: `torchrun --nproc_per_node N train.py ...` (see the module docstring)
-
-
-def start_processes(device):
-    """(rank, world size, device) of this process. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK;
-    each process holds the whole frozen model and a copy of the head, whose gradients DDP averages."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    use_gpu = torch.cuda.is_available() and device != "cpu"
-    dist.init_process_group("nccl" if use_gpu else "gloo")
-    if use_gpu:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if dist.get_rank() > 0:
-        sys.stdout = open(os.devnull, "w")  # only rank 0 prints, writes metrics and saves
-    return dist.get_rank(), dist.get_world_size(), f"cuda:{os.environ['LOCAL_RANK']}" if use_gpu else "cpu"
-
-
-def global_batches(n_pairs, args, world, epoch):
-    """The epoch's batches of pair indices, batch_size x world pairs each, in an order fixed by the
-    seed and the epoch (so a resumed run sees what the uninterrupted one would). Each process takes
-    its share of every batch (`my_share`); a last batch with fewer pairs than processes is dropped."""
-    order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-    size = args.batch_size * world
-    batches = [order[i:i + size] for i in range(0, n_pairs, size)]
-    if world > 1 and len(batches[-1]) < world:
-        batches.pop()
-    return batches
-
-
-def my_share(batch, rank, world):
-    return batch.tensor_split(world)[rank].tolist()
-
-
-def all_reduce_sum(values, world):
-    """{name: float} summed over the processes (a no-op with one)."""
-    if world == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(values, t.tolist()))
-
-
-# ------------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
-    rank, world, device = start_processes(args.device)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    out_dir = Path(args.out_dir)
-    check_out_dir(out_dir, args)
-    device, dtype, why = M.pick_device(device, args.dtype)
-    print(why + (f"; {world} processes" if world > 1 else ""))
-
-    # data: read and tokenise before loading the model, so a bad file fails fast (and before
-    # anything is written)
-    tok = M.load_tokenizer(args.base_model, args.trust_remote_code)
+def load_data(args, tok):
+    """(train set, test set, test pairs), read and tokenised before the model loads: a bad file
+    fails fast, and before anything is written."""
     try:
         train_pairs = data.load_pairs(args.data, args.split)
         if args.test_data:
             test_pairs = data.load_pairs(args.test_data, args.split)
         else:
             train_pairs, test_pairs = data.split_by_prompt(train_pairs, args.test_fraction, args.seed)
+            if not test_pairs:
+                raise data.DataError(f"{data.label(args.data, args.split)}: every pair has the same prompt, so "
+                                     f"splitting by prompt leaves no test pairs: give --test-data FILE")
         train_pairs, test_pairs = train_pairs[:args.train_limit or None], test_pairs[:args.eval_limit or None]
         train_set = data.PairDataset(tok, train_pairs, args.cutoff, args.max_prompt)
         test_set = data.PairDataset(tok, test_pairs, args.cutoff, args.max_prompt)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs")
-    cli.check(len(train_set) >= world, f"{len(train_set)} training pairs cannot be shared by {world} processes")
-    args.chain = M.chain_of(args.base_head, args.base_model)  # stacked on these frozen heads (none: on pi1)
+    return train_set, test_set, test_pairs
 
-    base, _ = M.load_base(args.base_model, device, dtype, args.trust_remote_code, args.device_map, tokenizer=tok)
+
+def build_model(args, device, dtype, tok, world):
+    """(adapter, trained): the frozen base with a new head on the chain it is stacked on; trained is
+    what the loss runs through (with several processes, the head wrapped in DDP)."""
+    args.chain = loading.chain_of(args.base_head, args.base_model)  # stacked on these frozen heads (none: on pi1)
+    base, _ = loading.load_base(args.base_model, device, dtype, args.trust_remote_code, args.device_map, tokenizer=tok)
     device = base.get_output_embeddings().weight.device  # where the head lives (not `device` with --device-map)
     head = M.QHead(M.head_config_for(base, args.head_width, args.head_layers, args.head_heads)).to(device)
-    below = M.load_chain(args.chain, args.base_model, device)
+    below = loading.load_chain(args.chain, args.base_model, device)
     adapter = M.QAdapter(base, head, below)  # evaluation, sampling and checkpoints use the head itself
-    trained = adapter if world == 1 else M.QAdapter(base, DDP(head), below)  # gradients averaged over processes
     n_head, n_base = M.head_parameter_count(head), sum(p.numel() for p in base.parameters())
     print(f"head: {n_head / 1e6:.2f}M trainable parameters, {100 * n_head / n_base:.2f}% of the "
           f"frozen {n_base / 1e6:.0f}M" + (f"; stacked on {len(below)} frozen head(s)" if below else ""))
+    return adapter, adapter if world == 1 else M.QAdapter(base, DDP(head), below)
 
-    collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
-    cache = FrozenCache(args.cache_gb, args.cache_disk_gb, out_dir)
-    batches_per_epoch = len(global_batches(len(train_set), args, world, 0))
-    total_steps = args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
-    warmup = max(1, int(args.warmup * total_steps))
-    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    schedule = lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0))))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    main_process = rank == 0
-    metrics_path = out_dir / "metrics.jsonl"
-    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+def setup(args):
+    """Everything a run needs before its first step."""
+    run = SimpleNamespace(args=args, t_start=time.time(), out_dir=Path(args.out_dir))
+    run.rank, run.world, device = distributed.start_processes(args.device)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    run_state.check_out_dir(run.out_dir, args)
+    device, dtype, why = loading.pick_device(device, args.dtype)
+    print(why + (f"; {run.world} processes" if run.world > 1 else ""))
+    run.tok = loading.load_tokenizer(args.base_model, args.trust_remote_code)
+    run.train_set, run.test_set, test_pairs = load_data(args, run.tok)
+    cli.check(len(run.train_set) >= run.world, f"{len(run.train_set)} training pairs cannot be shared by {run.world} processes")
+    run.adapter, run.trained = build_model(args, device, dtype, run.tok, run.world)
+    run.device = run.adapter.out_weight.device
+    run.collate = lambda examples: data.collate(examples, run.tok.pad_token_id)
+    run.cache = FrozenCache(args.cache_gb, args.cache_disk_gb, run.out_dir)
+    batches_per_epoch = len(distributed.global_batches(len(run.train_set), args, run.world, 0))
+    run.total_steps = args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
+    warmup = max(1, int(args.warmup * run.total_steps))
+    run.optimizer = torch.optim.AdamW([p for p in run.adapter.head.parameters() if p.requires_grad], lr=args.lr,
+                                      weight_decay=args.weight_decay)
+    schedule = lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / run.total_steps, 1.0))))  # noqa: E731
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, schedule)
+    run.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     if args.resume:
-        progress = load_trainer_state(out_dir, adapter, optimizer, scheduler, args, world)
-        print(f"resumed at step {progress['step']} (epoch {progress['epoch']}, batch {progress['batch_in_epoch']})")
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(metrics_path, records_until(metrics_path, progress["step"]) if args.resume else "")
+        run.progress = run_state.load_trainer_state(run.out_dir, run.adapter, run.optimizer, run.scheduler, args, run.world)
+        print(f"resumed at step {run.progress['step']} (epoch {run.progress['epoch']}, batch {run.progress['batch_in_epoch']})")
+    run.main_process, run.metrics_path = run.rank == 0, run.out_dir / "metrics.jsonl"
+    if run.main_process:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        run_state.write_atomic(run.metrics_path, run_state.records_until(run.metrics_path, run.progress["step"])
+                               if args.resume else "")
+    run.shown = [p.prompt for p in test_pairs[:args.samples]] if run.main_process else []
+    return run
 
-    test_conversations = [p.prompt for p in test_pairs[:args.samples]] if main_process else []
-    sample_opts = dict(alpha0=args.alpha0, alpha_tilde=args.alpha_tilde, max_new_tokens=args.max_new_tokens)
-    before = generate(adapter, tok, test_conversations, frozen_only=True, **sample_opts) if test_conversations else []
 
-    def run_eval_and_save(step, progress):
-        """Rank 0 evaluates and saves; the others wait for it."""
-        record = None
-        if main_process:
-            record = {"step": step, **evaluate(adapter, test_set, cache, args, device, collate)}
-            append_jsonl(metrics_path, record)
+# ------------------------------------------------------------------------------------------------
+# one optimiser step, and the loop
+
+
+def train_step(run, group, where):
+    """One optimiser step over the global batches of `group` (grad_accum of them): each process
+    takes its share of each, and every pair counts the same. Returns the step's metrics."""
+    args, n_step, sums = run.args, sum(len(g) for g in group), {}
+    for j, global_batch in enumerate(group):
+        idx = distributed.my_share(global_batch, run.rank, run.world)
+        if run.world > 1:  # average the gradients over the processes once, after the last part
+            run.trained.head.require_backward_grad_sync = j == len(group) - 1
+        batch = {k: v.to(run.device) for k, v in run.collate([run.train_set[i] for i in idx]).items()}
+        loss, metrics = batch_loss(run.trained, batch, [("train", i) for i in idx], run.cache, args)
+        weight = len(idx) / n_step
+        (loss * weight * run.world).backward()  # DDP divides by world when it averages
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * weight
+    sums = distributed.all_reduce_sum(sums, run.world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.adapter.head.parameters(), args.max_grad_norm)
+    if not (math.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
+        kept = (f"{run.out_dir / 'checkpoint'} (step {run.saved_step}) is kept" if run.saved_step
+                else "no checkpoint was saved yet")
+        print(f"\nerror: the loss is {sums['loss']} and the gradient norm {float(grad_norm)} at {where}: stopped "
+              f"without saving; {kept}. Try a lower --lr or a larger --beta", file=sys.stderr)
+        raise SystemExit(1)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {**sums, "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0]}
+
+
+def evaluate_and_save(run, step, evaluate_too=True):
+    """Rank 0 evaluates (when asked), writes the record and saves a checkpoint; the others wait."""
+    record = None
+    if run.main_process:
+        if evaluate_too:
+            record = {"step": step, **evaluate(run.adapter, run.test_set, run.cache, run.args, run.device, run.collate)}
+            run_state.append_jsonl(run.metrics_path, record)
             tqdm.write(f"step {step}: held-out accuracy {record['eval/rewards/accuracies']:.3f}, "
                        f"margin {record['eval/rewards/margins']:.3f}, KL {record['eval/kl']:.4f}")
-            save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, world)
-        if world > 1:
-            dist.barrier()
-        return record
+        run_state.save_checkpoint(run.out_dir, run.adapter, run.optimizer, run.scheduler, run.progress, run.args, run.world)
+    distributed.barrier(run.world)
+    run.saved_step = step
+    return record
 
-    def save(progress):
-        if main_process:
-            save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, world)
-        if world > 1:
-            dist.barrier()
 
-    head.train()
-    step, saved_step, evaluated_step = progress["step"], progress["step"], None
-    eval_record = None
-    bar = tqdm(total=total_steps, initial=step, desc="training", disable=not main_process)
-    with StopSignals() as stop:
-        for epoch in range(progress["epoch"], args.epochs):
-            batches = global_batches(len(train_set), args, world, epoch)
-            start = progress["batch_in_epoch"] if epoch == progress["epoch"] else 0
+def train(run):
+    """Epochs of shuffled batches, an optimiser step per --grad-accum batches; evaluates and saves on
+    schedule; on Ctrl-C / SIGTERM saves and exits; stops at --max-steps. Returns the last evaluation."""
+    args, step = run.args, run.progress["step"]
+    run.saved_step, evaluated_step, record = step, None, None
+    run.adapter.head.train()
+    bar = tqdm(total=run.total_steps, initial=step, desc="training", disable=not run.main_process)
+    with run_state.StopSignals() as stop:
+        for epoch in range(run.progress["epoch"], args.epochs):
+            batches = distributed.global_batches(len(run.train_set), args, run.world, epoch)
+            start = run.progress["batch_in_epoch"] if epoch == run.progress["epoch"] else 0
             for b in range(start, len(batches), args.grad_accum):
-                t0 = time.time()
-                group = batches[b:b + args.grad_accum]
-                n_step = sum(len(g) for g in group)  # pairs in this optimiser step, over all processes
-                sums = {}
-                for j, global_batch in enumerate(group):
-                    idx = my_share(global_batch, rank, world)
-                    weight = len(idx) / n_step  # each pair counts the same, however the step is cut up
-                    if world > 1:  # average the gradients over the processes once, after the last part
-                        trained.head.require_backward_grad_sync = j == len(group) - 1
-                    batch = collate([train_set[i] for i in idx])
-                    loss, metrics = batch_loss(trained, batch, [("train", i) for i in idx], cache, args, device)
-                    (loss * weight * world).backward()  # DDP divides by world when it averages
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * weight
-                sums = all_reduce_sum(sums, world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), args.max_grad_norm)
-                if not (math.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
-                    bar.close()
-                    where = f"step {step + 1} (epoch {epoch}, batches {b}-{b + len(group) - 1})"
-                    kept = f"{out_dir / 'checkpoint'} (step {saved_step}) is kept" if saved_step else "no checkpoint was saved yet"
-                    print(f"error: the loss is {sums['loss']} and the gradient norm {float(grad_norm)} at {where}: "
-                          f"stopped without saving; {kept}. Try a lower --lr or a larger --beta", file=sys.stderr)
-                    raise SystemExit(1)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                t0, group = time.time(), batches[b:b + args.grad_accum]
+                metrics = train_step(run, group, f"step {step + 1} (epoch {epoch}, batches {b}-{b + len(group) - 1})")
                 step += 1
-                record = {"step": step, "epoch": epoch, **sums, "grad_norm": float(grad_norm),
-                          "lr": scheduler.get_last_lr()[0], "pairs_per_s": n_step / (time.time() - t0)}
-                if main_process:
-                    append_jsonl(metrics_path, record)
+                if run.main_process:
+                    run_state.append_jsonl(run.metrics_path, {"step": step, "epoch": epoch, **metrics, "pairs_per_s":
+                                                              sum(len(g) for g in group) / (time.time() - t0)})
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss']:.3f}", acc=f"{sums['rewards/accuracies']:.2f}")
-                at_end_of_epoch = b + args.grad_accum >= len(batches)
-                progress = {"step": step, "epoch": epoch + at_end_of_epoch,
-                            "batch_in_epoch": 0 if at_end_of_epoch else b + args.grad_accum}
-                if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and at_end_of_epoch):
-                    eval_record = run_eval_and_save(step, progress)
-                    saved_step = evaluated_step = step
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+                end_of_epoch = b + args.grad_accum >= len(batches)
+                run.progress = {"step": step, "epoch": epoch + end_of_epoch,
+                                "batch_in_epoch": 0 if end_of_epoch else b + args.grad_accum}
+                if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and end_of_epoch):
+                    record, evaluated_step = evaluate_and_save(run, step), step
                 elif args.save_every and step % args.save_every == 0:
-                    save(progress)
-                    saved_step = step
-                signalled = all_reduce_sum({"code": stop.code}, world)["code"] > 0  # every process stops together
-                if signalled:
-                    if saved_step != step:
-                        save(progress)
+                    evaluate_and_save(run, step, evaluate_too=False)
+                if distributed.all_reduce_sum({"code": stop.code}, run.world)["code"] > 0:  # all stop together
+                    if run.saved_step != step:
+                        evaluate_and_save(run, step, evaluate_too=False)
                     bar.close()
-                    print(f"stopped at step {step}: checkpoint saved in {out_dir / 'checkpoint'}; "
+                    print(f"stopped at step {step}: checkpoint saved in {run.out_dir / 'checkpoint'}; "
                           f"continue with --resume", file=sys.stderr)
                     raise SystemExit(stop.code or cli.TERMINATED)
                 if step == args.max_steps:
@@ -615,34 +388,44 @@ def main(argv=None):
             if step == args.max_steps:
                 break
     bar.close()
-    if evaluated_step != step:
-        eval_record = run_eval_and_save(step, progress)
-    if world > 1:
-        dist.destroy_process_group()
-    if not main_process:
-        return None
+    return record if evaluated_step == step else evaluate_and_save(run, step)
 
-    after = generate(adapter, tok, test_conversations, **sample_opts) if test_conversations else []
-    summary = {"wall_time_s": round(time.time() - t_start, 1), "steps": step, "processes": world,
-               "train_pairs": len(train_set), "test_pairs": len(test_set),
-               "head_parameters": n_head, "base_parameters": n_base, **eval_record,
+
+def report(run, record, before, after):
+    """summary.json, and what a person reads at the end: samples before/after, then the numbers."""
+    summary = {"wall_time_s": round(time.time() - run.t_start, 1), "steps": run.progress["step"],
+               "processes": run.world, "train_pairs": len(run.train_set), "test_pairs": len(run.test_set),
+               "head_parameters": M.head_parameter_count(run.adapter.head),
+               "base_parameters": sum(p.numel() for p in run.adapter.base.parameters()), **record,
                "samples": [{"prompt": c[-1]["content"], "frozen": b[0], "customised": a[0]}
-                           for c, b, a in zip(test_conversations, before, after)],
-               "args": vars(args)}
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
-
+                           for c, b, a in zip(run.shown, before, after)],
+               "args": vars(run.args)}
+    run_state.write_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     for s in summary["samples"]:
         print(f"\n### {s['prompt']}\n  frozen:     {s['frozen']}\n  customised: {s['customised']}")
-    print(f"\n{'held-out pairs':<34}{len(test_set)}")
+    print(f"\n{'held-out pairs':<34}{len(run.test_set)}")
     for key, label in (("eval/rewards/accuracies", "pairwise accuracy (Q-Adapter R)"),
                        ("eval/frozen_logp_accuracy", "  frozen log-prob margin"),
                        ("eval/longer_wins_accuracy", "  the longer answer wins"),
                        ("eval/rewards/margins", "mean margin R(y_w) − R(y_l)"),
                        ("eval/kl", "per-token KL(pi~ ‖ pi1)")):
-        print(f"{label:<34}{eval_record[key]:.4f}")
+        print(f"{label:<34}{record[key]:.4f}")
     print(f"{'wall time':<34}{summary['wall_time_s']:.0f} s")
-    print(f"wrote {out_dir}/checkpoint, {metrics_path.name}, summary.json")
+    print(f"wrote {run.out_dir}/checkpoint, {run.metrics_path.name}, summary.json")
     return summary
+
+
+def main(argv=None):
+    run = setup(parse_args(argv))
+    opts = dict(alpha0=run.args.alpha0, alpha_tilde=run.args.alpha_tilde, max_new_tokens=run.args.max_new_tokens,
+                path=run.args.path)
+    before = generate(run.adapter, run.tok, run.shown, frozen_only=True, **opts) if run.shown else []
+    record = train(run)
+    distributed.finish(run.world)
+    if not run.main_process:
+        return None
+    after = generate(run.adapter, run.tok, run.shown, **opts) if run.shown else []
+    return report(run, record, before, after)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
 from demo.concise import first_sentences, judge, sentences  # noqa: E402
 from demo.prompts import all_prompts  # noqa: E402
+from support import loading
 
 MAX_NEW_TOKENS = 96
 _LAST_SENTENCE_END = re.compile(r".*[.!?][\"')\]]*(?=\s|$)", re.S)
@@ -94,10 +95,10 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32, help="prompts generated at once")
     args = ap.parse_args()
 
-    base, tok = M.load_base()
+    base, tok = loading.load_base()
     tok.padding_side = "left"
     prompts = all_prompts()
-    cache_file = M.cache_dir() / "demo_concise_generations.json"
+    cache_file = loading.cache_dir() / "demo_concise_generations.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     answers = generate(base, tok, [[{"role": "user", "content": p}] for p in prompts], MAX_NEW_TOKENS,
                        args.batch_size, cache, cache_file)

@@ -7,13 +7,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import model as M
+from support import loading
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return M.load_tokenizer()
+    return loading.load_tokenizer()
 
 
 def tiny_llama(tokenizer, seed=0):

@@ -12,6 +12,7 @@ import data
 import model as M
 from residual_q import IGNORE, response_logprob
 from tests.conftest import separable_pairs, write_jsonl
+from support import loading
 
 
 def test_dpo_loss_by_hand():
@@ -55,7 +56,7 @@ def hand_batch(tokenizer):
 def test_window_log_probs_equal_the_full_forward(tokenizer, tiny_path):
     """token_logprobs scores exactly the response tokens (first one included, nothing after EOS,
     no padding), the same as log_softmax over the whole sequence."""
-    base, _ = M.load_base(tiny_path)
+    base, _ = loading.load_base(tiny_path)
     batch = hand_batch(tokenizer)
     logp, mask = baselines.token_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["labels"])
     full = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (4, T, V)
@@ -67,7 +68,7 @@ def test_window_log_probs_equal_the_full_forward(tokenizer, tiny_path):
 def test_reference_is_the_base_with_the_adapter_disabled(tokenizer, tiny_path):
     """At init LoRA's B = 0: policy = reference, DPO loss = log 2. After a step the policy moves, the
     reference (adapter disabled) still gives the frozen base's log-probs, and the margin grows."""
-    base, _ = M.load_base(tiny_path)
+    base, _ = loading.load_base(tiny_path)
     batch = hand_batch(tokenizer)
     frozen = response_logprob(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                               batch["labels"])
@@ -90,7 +91,7 @@ def test_reference_is_the_base_with_the_adapter_disabled(tokenizer, tiny_path):
 
 
 def test_sft_step_raises_the_likelihood_of_the_chosen_answers_only(tokenizer, tiny_path):
-    base, _ = M.load_base(tiny_path)
+    base, _ = loading.load_base(tiny_path)
     batch = hand_batch(tokenizer)
     args = baselines.parse_args(["--method", "sft", "--base-model", tiny_path])
     peft_model = baselines.lora_model(base, args)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-import model
+from support import loading
 from data import IGNORE, DataError, Pair
 
 REAL_DSP = Path(__file__).parents[1] / "../shared/data/dsp/dsp_academy_pairs.jsonl"
@@ -18,7 +18,7 @@ EOS = 2  # <|im_end|> in SmolLM2
 
 @pytest.fixture(scope="module")
 def tok():
-    return model.load_tokenizer()
+    return loading.load_tokenizer()
 
 
 def user(text):

@@ -9,6 +9,7 @@ import baselines
 import evaluate as E
 import model as M
 from tests.conftest import SHARED_DATA, separable_pairs, tiny_llama, write_jsonl
+from support import loading
 
 ARC_ROWS = [{"id": "q1", "question": "What is 1 + 1?", "choices": {"text": ["two", "seven", "a cat"], "label": ["A", "B", "C"]},
              "answerKey": "A"},
@@ -87,7 +88,7 @@ def test_acc_and_acc_norm_by_hand(tokenizer):
 
 def test_a_known_answer_is_scored_right():
     """The embedded SmolLM2 picks the obvious answer, by both acc and acc_norm."""
-    base, tok = M.load_base(M.EMBEDDED)
+    base, tok = loading.load_base(loading.EMBEDDED)
     items = [("Question: What colour is the sky on a clear day?\nAnswer:", [" green", " blue", " loud", " seventeen"], 1),
              ("Question: How many legs does a dog have?\nAnswer:", [" four", " nine", " purple", " none"], 0)]
     r = E.multiple_choice(E.FrozenPolicy(base), tok, items, 64, 8, "known")["frozen"]
@@ -123,7 +124,7 @@ def test_a_nonzero_head_has_positive_kl_and_its_own_return(tokenizer, files):
     from residual_q import derived_reward, gather_actions, response_return, soft_value
     batch = collate([tokenize_pair(tokenizer, p, 64) for p in pairs], tokenizer.pad_token_id)
     with torch.no_grad():
-        q_r, logp1, _, _, _ = adapter(batch["input_ids"], batch["attention_mask"])
+        q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"])
     labels = batch["labels"]
     r = response_return(derived_reward(gather_actions(q_r, labels), soft_value(q_r, logp1, 1.0, 1.0), labels, 1.0), labels)
     margins = r[:len(pairs)] - r[len(pairs):]
@@ -133,7 +134,7 @@ def test_a_nonzero_head_has_positive_kl_and_its_own_return(tokenizer, files):
 
 
 def test_lora_policy_at_init_is_the_frozen_model(tokenizer, tiny_path, files):
-    base, _ = M.load_base(tiny_path)
+    base, _ = loading.load_base(tiny_path)
     args = baselines.parse_args(["--method", "dpo", "--base-model", tiny_path])
     peft_model = baselines.lora_model(base, args).eval()
     policy = E.LoraPolicy(peft_model, {"method": "dpo", "dpo_beta": 0.1}, "dpo")
@@ -152,7 +153,7 @@ def test_end_to_end_over_both_kinds_of_checkpoint(tokenizer, tiny_path, files, t
     adapter, _ = q_adapter(tokenizer, zero=False)
     qa_dir = tmp_path / "qa" / "checkpoint"
     qa_dir.mkdir(parents=True)
-    M.save_adapter(qa_dir, adapter.head, {"base_model": tiny_path, "alpha0": 1.0, "alpha_tilde": 1.0, "gamma": 1.0,
+    loading.save_adapter(qa_dir, adapter.head, {"base_model": tiny_path, "alpha0": 1.0, "alpha_tilde": 1.0, "gamma": 1.0,
                                           "cutoff": 64, "data": files["train"], "test_data": files["pairs"]})
     write_jsonl(tmp_path / "qa" / "metrics.jsonl", [{"step": 1, "pairs_per_s": 4.0}, {"step": 2, "pairs_per_s": 2.0}])
     baselines.main(["--method", "sft", "--base-model", tiny_path, "--data", files["train"], "--test-data",

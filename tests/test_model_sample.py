@@ -7,6 +7,7 @@ import model as M
 from residual_q import customised_logits
 from sample import generate, pick_next
 from tests.conftest import tiny_llama
+from support import fused_path, loading
 
 PROMPTS = [[{"role": "user", "content": "Hello there, how are you today?"}],
            [{"role": "user", "content": "Name a colour."}],
@@ -71,11 +72,11 @@ def test_kv_cached_decoding_matches_a_full_forward(tokenizer):
     split = ids.shape[1] - 4
     pos = M.positions(mask)
     caches = DynamicCache(config=base.config), adapter.new_head_cache()
-    q0, lp0, _, *caches = adapter(ids[:, :split], mask[:, :split], position_ids=pos[:, :split],
+    q0, lp0, *caches = adapter(ids[:, :split], mask[:, :split], position_ids=pos[:, :split],
                                   base_cache=caches[0], head_cache=caches[1])
     steps_q, steps_lp = [q0], [lp0]
     for t in range(split, ids.shape[1]):
-        q, lp, _, *caches = adapter(ids[:, t:t + 1], mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+        q, lp, *caches = adapter(ids[:, t:t + 1], mask[:, :t + 1], position_ids=pos[:, t:t + 1],
                                     base_cache=caches[0], head_cache=caches[1])
         steps_q.append(q)
         steps_lp.append(lp)
@@ -85,10 +86,10 @@ def test_kv_cached_decoding_matches_a_full_forward(tokenizer):
 
 
 def test_saved_head_loads_identically(tokenizer, tmp_path, tiny_path):
-    base, _ = M.load_base(tiny_path)
+    base, _ = loading.load_base(tiny_path)
     adapter = adapter_for(base, zero=False)
-    M.save_adapter(tmp_path, adapter.head, {"base_model": tiny_path, "alpha0": 1.0, "alpha_tilde": 1.0})
-    loaded, _, config = M.load_adapter(tmp_path)
+    loading.save_adapter(tmp_path, adapter.head, {"base_model": tiny_path, "alpha0": 1.0, "alpha_tilde": 1.0})
+    loaded, _, config = loading.load_adapter(tmp_path)
     ids, mask = padded_batch(tokenizer, "right")
     torch.testing.assert_close(loaded(ids, mask)[0], adapter(ids, mask)[0])
     assert config["base_model"] == tiny_path
@@ -105,7 +106,7 @@ def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
 
 
 def test_embedded_model_zero_head_greedy_matches_hf(tokenizer):
-    base, tok = M.load_base()
+    base, tok = loading.load_base()
     adapter = adapter_for(base)
     ids, mask = padded_batch(tok, "left")
     ref = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
@@ -127,7 +128,7 @@ def test_fused_scores_equal_the_residual_q_functions_on_whole_tensors(tokenizer)
     actions = torch.cat([actions, torch.zeros_like(actions[:, :1])], 1)  # the last state takes none
     for alpha0, alpha_tilde in [(1.0, 1.0), (0.3, 2.0)]:
         valid = torch.cat([window_labels[:, :1] == rq.IGNORE, window_labels[:, 1:] != rq.IGNORE], 1)
-        q_sa, logp1_sa, v, *_ = adapter.scores(ids, mask, states, actions, valid, alpha0, alpha_tilde)
+        q_sa, logp1_sa, v, *_ = fused_path.fused_scores(adapter, ids, mask, states, actions, valid, alpha0, alpha_tilde)
         q_r, logp1, *_ = adapter(ids, mask, states)
         _, m = rq.next_tokens(window_labels)
         torch.testing.assert_close(q_sa[:, :-1][m], rq.gather_actions(q_r, window_labels)[m], rtol=1e-4, atol=1e-4)

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cli
 import sample
 import train
 from tests.conftest import separable_pairs, tiny_llama, write_jsonl
+from support import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = separable_pairs(1)[0]

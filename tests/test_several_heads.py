@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-import cli
 import model as M
 import sample
 import train
 from residual_q import customised_logits
 from tests.conftest import separable_pairs, tiny_llama, write_jsonl
+from support import cli, fused_path, loading
+from support.frozen_cache import FrozenCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,14 +59,14 @@ def test_a_zero_head_on_a_chain_reproduces_the_chain(base, tokenizer):
     states = torch.arange(ids.shape[1]).expand(2, -1)[:, :-1]
     actions = ids[:, 1:]
     valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-    _, logp1_sa, _, _, _ = ab.scores(ids, mask, states, actions, valid, 0.5, 0.5)
+    _, logp1_sa, _, _, _ = fused_path.fused_scores(ab, ids, mask, states, actions, valid, 0.5, 0.5)
     expected = want[:, :-1].gather(-1, actions[..., None])[..., 0]
     torch.testing.assert_close(logp1_sa[valid], expected[valid], rtol=0, atol=1e-5)
     # decoding one token at a time with the caches of both heads gives the same distribution
     base_cache, head_cache = DynamicCache(config=base.config), ab.new_head_cache()
     row = ids[:1, :6]
     for t in range(row.shape[1]):
-        logits, base_cache, head_cache = ab.next_logits(row[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long),
+        logits, base_cache, head_cache = fused_path.next_logits(ab, row[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long),
                                                         torch.tensor([[t]]), base_cache, head_cache, 0.5, 0.5)
         torch.testing.assert_close(torch.log_softmax(logits, -1), want[:1, t], rtol=0, atol=1e-4)
 
@@ -95,7 +96,7 @@ def test_composed_decoding_runs_the_frozen_model_once_per_step(base, tokenizer):
     full = log_policy(adapter, ids[:1], mask[:1], 1.0, 1.0)
     caches = DynamicCache(config=base.config), adapter.new_head_cache()
     for t in range(4):
-        logits, _, _ = adapter.next_logits(ids[:1, t:t + 1], torch.ones(1, t + 1, dtype=torch.long),
+        logits, _, _ = fused_path.next_logits(adapter, ids[:1, t:t + 1], torch.ones(1, t + 1, dtype=torch.long),
                                            torch.tensor([[t]]), caches[0], caches[1])
         torch.testing.assert_close(torch.log_softmax(logits, -1), full[:, t], rtol=0, atol=1e-4)
 
@@ -111,7 +112,7 @@ def test_the_chains_log_ratio_to_the_base_model_equals_the_full_computation(base
     examples = [data.tokenize_pair(tokenizer, p, 64) for p in pairs]
     collate = lambda e: data.collate(e, tokenizer.pad_token_id)  # noqa: E731
     ab = M.QAdapter(base, random_head(base, 2), below=[(random_head(base, 1), 0.8, 1.3)])
-    margins = compose.base_log_ratio_margins(ab, examples, train.FrozenCache(1.0), (0.6, 1.2), 2, "cpu", collate)
+    margins = compose.base_log_ratio_margins(ab, examples, FrozenCache(1.0), (0.6, 1.2), 2, "cpu", collate)
     batch = collate(examples)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     log_pi = log_policy(ab, ids, mask, 0.6, 1.2)[:, :-1]  # (2B, T-1, V)
@@ -148,9 +149,9 @@ def test_a_stacked_checkpoint_names_its_chain_and_loads_it(runs):
     d, _ = runs
     config = json.loads((d / "b" / "checkpoint" / "config.json").read_text())
     assert [Path(c["path"]) for c in config["base_heads"]] == [(d / "a" / "checkpoint").resolve()]
-    adapter, _, _ = M.load_adapter(d / "b")
+    adapter, _, _ = loading.load_adapter(d / "b")
     assert len(adapter.below) == 1 and adapter.below_alphas == [(1.0, 1.0)]
-    a, _, _ = M.load_adapter(d / "a")
+    a, _, _ = loading.load_adapter(d / "a")
     torch.testing.assert_close(adapter.below[0].up.weight, a.head.up.weight, rtol=0, atol=0)
 
 
@@ -172,15 +173,15 @@ def test_a_missing_or_changed_link_is_a_clear_error(runs, tmp_path, capsys):
     config = json.loads(config_path.read_text())
     config["base_heads"][0]["path"] = str((tmp_path / "a" / "checkpoint").resolve())
     config_path.write_text(json.dumps(config))
-    M.load_adapter(tmp_path / "b")  # the copy, pointed at the copied link, loads
+    loading.load_adapter(tmp_path / "b")  # the copy, pointed at the copied link, loads
 
     (tmp_path / "a" / "checkpoint" / "head.safetensors").write_bytes(
         (d / "c" / "checkpoint" / "head.safetensors").read_bytes())  # another head in its place
     with pytest.raises(SystemExit, match="which has changed since"):
-        M.load_adapter(tmp_path / "b")
+        loading.load_adapter(tmp_path / "b")
     shutil.rmtree(tmp_path / "a")
     with pytest.raises(SystemExit, match="which is missing"):
-        M.load_adapter(tmp_path / "b")
+        loading.load_adapter(tmp_path / "b")
 
 
 def test_base_head_flags_must_name_the_real_chain(runs, tiny_path, tmp_path, capsys):
@@ -195,7 +196,7 @@ def test_base_head_flags_must_name_the_real_chain(runs, tiny_path, tmp_path, cap
                         "--base-head", str(d / "b")))
     config = json.loads((tmp_path / "y" / "checkpoint" / "config.json").read_text())
     assert len(config["base_heads"]) == 2
-    assert len(M.load_adapter(tmp_path / "y")[0].below) == 2
+    assert len(loading.load_adapter(tmp_path / "y")[0].below) == 2
 
 
 def test_composing_heads_of_different_bases_is_refused(runs, tokenizer, tmp_path, capsys):

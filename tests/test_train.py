@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 import model as M
 import train
 from tests.conftest import separable_pairs, write_jsonl
+from support import loading
+from support.frozen_cache import FrozenCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +32,7 @@ def common_args(tiny_path, separable, out_dir):
 
 def test_one_optimiser_step_raises_the_margin_of_a_pair(tokenizer, tiny_path, separable):
     import data
-    base, _ = M.load_base(tiny_path)
+    base, _ = loading.load_base(tiny_path)
     head = M.QHead(M.head_config_for(base, 32, 1, 2))
     adapter = M.QAdapter(base, head)
     pair = data.load_pairs(separable[0])[:1]
@@ -38,7 +40,7 @@ def test_one_optimiser_step_raises_the_margin_of_a_pair(tokenizer, tiny_path, se
     opt = torch.optim.AdamW(p for p in head.parameters() if p.requires_grad)
 
     def margin():
-        return train.batch_loss(adapter, batch, [0], train.FrozenCache(0), train.parse_args([]), "cpu")
+        return train.batch_loss(adapter, batch, [0], FrozenCache(0), train.parse_args([]))
 
     loss, before = margin()
     loss.backward()

@@ -10,6 +10,8 @@ import train
 from residual_q import customised_logits
 from tests.conftest import tiny_llama
 from tests.test_model_sample import adapter_for, padded_batch
+from support import fused_path, vocab_chunks
+from support.frozen_cache import FrozenCache
 
 
 @pytest.mark.parametrize("alpha0, alpha_tilde", [(1.0, 1.0), (0.3, 2.0)])
@@ -26,7 +28,7 @@ def test_fused_decoding_logits_equal_the_unfused_policy(tokenizer, alpha0, alpha
     split = ids.shape[1] - 3
     for t in range(split, ids.shape[1] + 1):
         lo = 0 if t == split else t - 1  # the prefill reads the prompt, each later step one token
-        logits, *caches = adapter.next_logits(ids[:, lo:t], mask[:, :t], pos[:, lo:t], *caches,
+        logits, *caches = fused_path.next_logits(adapter, ids[:, lo:t], mask[:, :t], pos[:, lo:t], *caches,
                                               alpha0=alpha0, alpha_tilde=alpha_tilde)  # (B, V)
         torch.testing.assert_close(torch.log_softmax(logits, -1), reference[:, t - 1], rtol=1e-4, atol=1e-4)
 
@@ -35,27 +37,27 @@ def test_fused_frozen_decoding_logits_are_hugging_faces(tokenizer):
     base = tiny_llama(tokenizer)
     adapter = adapter_for(base, zero=False)  # not run: no head cache means pi1 alone
     ids, mask = padded_batch(tokenizer, "left")
-    logits, _, head_cache = adapter.next_logits(ids, mask, M.positions(mask), DynamicCache(config=base.config))
+    logits, _, head_cache = fused_path.next_logits(adapter, ids, mask, M.positions(mask), DynamicCache(config=base.config))
     assert head_cache is None
     torch.testing.assert_close(logits, base(input_ids=ids, attention_mask=mask).logits[:, -1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [M.LOGIT_CHUNK, 5 * 1000])  # one chunk, and chunks of a few states
+@pytest.mark.parametrize("chunk", [vocab_chunks.LOGIT_CHUNK, 5 * 1000])  # one chunk, and chunks of a few states
 def test_chunked_logsumexp_and_its_gradient_equal_autograd(monkeypatch, chunk):
-    monkeypatch.setattr(M, "LOGIT_CHUNK", chunk)
+    monkeypatch.setattr(vocab_chunks, "LOGIT_CHUNK", chunk)
     torch.manual_seed(0)
     weight = torch.randn(1000, 16)  # (V, D)
     x = torch.randn(23, 16, requires_grad=True)  # (N, D), 23 states: chunks of 5 and a rest of 3
     g = torch.randn(23)
     for tau in (1.0, 0.5):
-        ours = M.projected_logsumexp(x, weight, tau)
+        ours = vocab_chunks.projected_logsumexp(x, weight, tau)
         (grad_ours,) = torch.autograd.grad((ours * g).sum(), x)
         plain = torch.logsumexp(x @ weight.T / tau, dim=-1)
         (grad_plain,) = torch.autograd.grad((plain * g).sum(), x)
         torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad_ours, grad_plain, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # no gradient asked: the same values
-        torch.testing.assert_close(M.projected_logsumexp(x, weight), torch.logsumexp(x @ weight.T, -1))
+        torch.testing.assert_close(vocab_chunks.projected_logsumexp(x, weight), torch.logsumexp(x @ weight.T, -1))
 
 
 def three_pairs(tokenizer):
@@ -73,7 +75,7 @@ def one_batch(tokenizer):
 
 def loss_and_grads(adapter, batch, cache):
     adapter.head.zero_grad(set_to_none=True)
-    loss, _ = train.batch_loss(adapter, batch, [0, 1, 2], cache, train.parse_args([]), "cpu")
+    loss, _ = train.batch_loss(adapter, batch, [0, 1, 2], cache, train.parse_args([]))
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in adapter.head.parameters() if p.requires_grad]
 
@@ -84,8 +86,8 @@ def test_kept_frozen_outputs_are_bit_identical_to_recomputing(tokenizer, tmp_pat
     disk file gives exactly the loss and gradients that recomputing them gives."""
     adapter = adapter_for(tiny_llama(tokenizer), zero=False)
     batch = one_batch(tokenizer)
-    recomputed = loss_and_grads(adapter, batch, train.FrozenCache(0))
-    cache = train.FrozenCache(memory_gb, disk_gb, tmp_path)
+    recomputed = loss_and_grads(adapter, batch, FrozenCache(0))
+    cache = FrozenCache(memory_gb, disk_gb, tmp_path)
     first = loss_and_grads(adapter, batch, cache)  # computes and keeps
     assert len(cache.store) == 6 and (cache.file is not None) == (disk_gb > 0)
     kept = loss_and_grads(adapter, batch, cache)  # reads back
@@ -95,7 +97,7 @@ def test_kept_frozen_outputs_are_bit_identical_to_recomputing(tokenizer, tmp_pat
 
 
 def test_disk_cache_keeps_any_dtype_exactly(tmp_path):
-    cache = train.FrozenCache(0, 1, tmp_path)
+    cache = FrozenCache(0, 1, tmp_path)
     h = torch.randn(2, 7, 5).to(torch.bfloat16)  # (N, T, D), as a bf16 frozen model gives it
     z = torch.randn(2, 4)  # (N, W)
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
@@ -108,15 +110,15 @@ def test_disk_cache_keeps_any_dtype_exactly(tmp_path):
     assert cache.get(["a", "c"], mask, 4) == (None, None)  # one row not kept: recompute the batch
 
 
-@pytest.mark.parametrize("chunk", [M.LOGIT_CHUNK, 5 * 1000])
+@pytest.mark.parametrize("chunk", [vocab_chunks.LOGIT_CHUNK, 5 * 1000])
 def test_chunked_kl_equals_the_full_one(monkeypatch, chunk):
-    monkeypatch.setattr(M, "LOGIT_CHUNK", chunk)
+    monkeypatch.setattr(vocab_chunks, "LOGIT_CHUNK", chunk)
     torch.manual_seed(0)
     weight, x_p, x_q = torch.randn(1000, 16), torch.randn(23, 16), torch.randn(23, 16)  # (V, D), (N, D) twice
     logp, logq = torch.log_softmax(x_p @ weight.T, -1), torch.log_softmax(x_q @ weight.T, -1)  # (N, V)
-    torch.testing.assert_close(M.projected_kl(x_p, x_q, weight), (logp.exp() * (logp - logq)).sum(-1),
+    torch.testing.assert_close(vocab_chunks.projected_kl(x_p, x_q, weight), (logp.exp() * (logp - logq)).sum(-1),
                                rtol=1e-5, atol=1e-6)
-    assert M.projected_kl(x_p, x_p, weight).abs().max() < 1e-6
+    assert vocab_chunks.projected_kl(x_p, x_p, weight).abs().max() < 1e-6
 
 
 def full_tensor_evaluation(adapter, batch, args):
@@ -154,7 +156,7 @@ def test_evaluation_without_vocabulary_tensors_equals_the_full_computation(token
                              "--batch-size", "3"])
     examples = three_pairs(tokenizer)
     collate = lambda e: data.collate(e, tokenizer.pad_token_id)  # noqa: E731
-    cache = train.FrozenCache(1.0)
+    cache = FrozenCache(1.0)
     want = full_tensor_evaluation(adapter, collate(examples), args)
     for _ in range(2):  # computed, then read back from the cache
         got = train.evaluate(adapter, examples, cache, args, "cpu", collate)
