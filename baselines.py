@@ -37,7 +37,7 @@ from tqdm import tqdm
 import data
 import model as M
 import train
-from residual_q import IGNORE, gather_actions, next_tokens, scored_states
+from residual_q import gather_actions, next_tokens, scored_states
 from support import cli, loading, run_state
 
 METHODS = ("sft", "dpo")

@@ -9,7 +9,6 @@ per-token rewards small; it averages over every scored token of both responses; 
 A batch holds 2B sequences, the B chosen first and then the B rejected in the same order (data.py).
 Metrics carry the names TRL users know: rewards/* are the returns R.
 """
-import torch
 import torch.nn.functional as F
 
 from residual_q import next_tokens, response_return

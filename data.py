@@ -267,3 +267,24 @@ def split_by_prompt(pairs: list[Pair], test_fraction: float, seed: int) -> tuple
     test = [pair for pair in pairs if key(pair) in test_prompts]
     return train, test
 
+
+def train_and_test_sets(args, tok):
+    """train.py's data: (train set, test set, test pairs) from --data, --test-data (or a split of
+    --data by prompt), --train-limit, --eval-limit, --cutoff, --max-prompt. A bad file is a
+    one-line error (SystemExit)."""
+    try:
+        train_pairs = load_pairs(args.data, args.split)
+        if args.test_data:
+            test_pairs = load_pairs(args.test_data, args.split)
+        else:
+            train_pairs, test_pairs = split_by_prompt(train_pairs, args.test_fraction, args.seed)
+            if not test_pairs:
+                raise DataError(f"{label(args.data, args.split)}: every pair has the same prompt, so "
+                                     f"splitting by prompt leaves no test pairs: give --test-data FILE")
+        train_pairs, test_pairs = train_pairs[:args.train_limit or None], test_pairs[:args.eval_limit or None]
+        train_set = PairDataset(tok, train_pairs, args.cutoff, args.max_prompt)
+        test_set = PairDataset(tok, test_pairs, args.cutoff, args.max_prompt)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{len(train_set)} training pairs, {len(test_set)} test pairs")
+    return train_set, test_set, test_pairs

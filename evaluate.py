@@ -40,7 +40,6 @@ evenly spaced benchmark questions (MMLU is sorted by subject).
 """
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 

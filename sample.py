@@ -131,7 +131,7 @@ def read_prompts(args):
     return [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", required=True,
                     help="a train.py output directory (or its checkpoint/); a head stacked on others brings "
@@ -167,27 +167,29 @@ def main(argv=None):
     cli.check(args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}")
     cli.check(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
     cli.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    cli.check(args.alpha0 is None or args.alpha0 > 0, f"--alpha0 must be > 0 (it is also α̃, which divides the logits), got {args.alpha0}")
+    cli.check(args.alpha0 is None or args.alpha0 > 0,
+              f"--alpha0 must be > 0 (it is also α̃, which divides the logits), got {args.alpha0}")
+    return args
 
+
+def load_policy(args):
+    """(adapter, tokenizer, α0, α̃): one checkpoint, or several composed with --weights."""
     device, dtype, why = loading.pick_device(args.device)
     print(why)
     if len(args.checkpoint) == 1 and args.weights is None:
-        adapter, tok, config = loading.load_adapter(args.checkpoint[0], device, dtype, trust_remote_code=args.trust_remote_code)
+        adapter, tok, config = loading.load_adapter(args.checkpoint[0], device, dtype,
+                                                    trust_remote_code=args.trust_remote_code)
     else:
         weights = args.weights or [1.0] * len(args.checkpoint)
         adapter, tok, configs = loading.load_composition(args.checkpoint, weights, device, dtype, args.trust_remote_code)
         config = configs[0]
         print("composed: " + " + ".join(f"{w:g}·Q_R[{c}]" for w, c in zip(weights, args.checkpoint)))
-    alpha0, alpha_tilde = (config["alpha0"], config["alpha_tilde"]) if args.alpha0 is None else (args.alpha0,) * 2
-    conversations = read_prompts(args)[:args.limit or None]
-    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, path=args.path)
-    custom = generate_batched(adapter, tok, conversations, args.batch_size, "customised", alpha0=alpha0,
-                              alpha_tilde=alpha_tilde, **opts)
-    frozen = generate_batched(adapter, tok, conversations, args.batch_size, "frozen", frozen_only=True,
-                              **opts) if args.compare else None
+    alphas = (config["alpha0"], config["alpha_tilde"]) if args.alpha0 is None else (args.alpha0,) * 2
+    return adapter, tok, *alphas
 
-    width = 60
+
+def show(conversations, custom, frozen, title, width=60):
+    """The answers; with --compare, the frozen one on the left and the customised one on the right."""
     for i, conv in enumerate(conversations):
         print(f"\n### {conv[-1]['content']}")
         if frozen is None:
@@ -195,21 +197,32 @@ def main(argv=None):
             continue
         left = textwrap.wrap(frozen[i][0], width) or [""]
         right = textwrap.wrap(custom[i][0], width) or [""]
-        print(f"{'frozen pi1':<{width}} | customised pi~ (α0={alpha0:g}, α̃={alpha_tilde:g})")
+        print(f"{'frozen pi1':<{width}} | {title}")
         for k in range(max(len(left), len(right))):
             print(f"{left[k] if k < len(left) else '':<{width}} | {right[k] if k < len(right) else ''}")
-    results = {"alpha0": alpha0, "alpha_tilde": alpha_tilde, "answers": [{"prompt": c, "customised": a[0], "finished": a[1]}
-                                              for c, a in zip(conversations, custom)]}
-    if frozen is not None:
-        for r, a in zip(results["answers"], frozen):
-            r.update(frozen=a[0], frozen_finished=a[1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    adapter, tok, alpha0, alpha_tilde = load_policy(args)
+    conversations = read_prompts(args)[:args.limit or None]
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, path=args.path)
+    custom = generate_batched(adapter, tok, conversations, args.batch_size, "customised", alpha0=alpha0,
+                              alpha_tilde=alpha_tilde, **opts)
+    frozen = generate_batched(adapter, tok, conversations, args.batch_size, "frozen", frozen_only=True,
+                              **opts) if args.compare else None
+    show(conversations, custom, frozen, f"customised pi~ (α0={alpha0:g}, α̃={alpha_tilde:g})")
+    results = {"alpha0": alpha0, "alpha_tilde": alpha_tilde,
+               "answers": [{"prompt": c, "customised": a[0], "finished": a[1]} for c, a in zip(conversations, custom)]}
+    for r, a in zip(results["answers"], frozen or []):
+        r.update(frozen=a[0], frozen_finished=a[1])
     if args.score_concise:
         from demo.concise import adherence
-        results["concise/customised"] = adherence(*zip(*custom))
-        print(f"\nconcise adherence, customised: {results['concise/customised']}")
-        if frozen is not None:
-            results["concise/frozen"] = adherence(*zip(*frozen))
-            print(f"concise adherence, frozen:     {results['concise/frozen']}")
+        for name, answers in (("customised", custom), ("frozen", frozen)):
+            if answers is not None:
+                results[f"concise/{name}"] = adherence(*zip(*answers))
+                print(f"concise adherence, {name + ':':<12}{results[f'concise/{name}']}")
     if args.out:
         out = Path(args.out)
         tmp = out.with_name(f".{out.name}.tmp")

@@ -33,7 +33,6 @@ if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 draws pro
     os.environ["TQDM_DISABLE"] = "1"
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -230,27 +229,6 @@ def evaluate(adapter, test_set, cache, args, device, collate):
 # setting up a run
 
 
-def load_data(args, tok):
-    """(train set, test set, test pairs), read and tokenised before the model loads: a bad file
-    fails fast, and before anything is written."""
-    try:
-        train_pairs = data.load_pairs(args.data, args.split)
-        if args.test_data:
-            test_pairs = data.load_pairs(args.test_data, args.split)
-        else:
-            train_pairs, test_pairs = data.split_by_prompt(train_pairs, args.test_fraction, args.seed)
-            if not test_pairs:
-                raise data.DataError(f"{data.label(args.data, args.split)}: every pair has the same prompt, so "
-                                     f"splitting by prompt leaves no test pairs: give --test-data FILE")
-        train_pairs, test_pairs = train_pairs[:args.train_limit or None], test_pairs[:args.eval_limit or None]
-        train_set = data.PairDataset(tok, train_pairs, args.cutoff, args.max_prompt)
-        test_set = data.PairDataset(tok, test_pairs, args.cutoff, args.max_prompt)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}")
-    print(f"{len(train_set)} training pairs, {len(test_set)} test pairs")
-    return train_set, test_set, test_pairs
-
-
 def build_model(args, device, dtype, tok, world):
     """(adapter, trained): the frozen base with a new head on the chain it is stacked on; trained is
     what the loss runs through (with several processes, the head wrapped in DDP)."""
@@ -276,7 +254,7 @@ def setup(args):
     device, dtype, why = loading.pick_device(device, args.dtype)
     print(why + (f"; {run.world} processes" if run.world > 1 else ""))
     run.tok = loading.load_tokenizer(args.base_model, args.trust_remote_code)
-    run.train_set, run.test_set, test_pairs = load_data(args, run.tok)
+    run.train_set, run.test_set, test_pairs = data.train_and_test_sets(args, run.tok)
     cli.check(len(run.train_set) >= run.world, f"{len(run.train_set)} training pairs cannot be shared by {run.world} processes")
     run.adapter, run.trained = build_model(args, device, dtype, run.tok, run.world)
     run.device = run.adapter.out_weight.device
@@ -391,30 +369,6 @@ def train(run):
     return record if evaluated_step == step else evaluate_and_save(run, step)
 
 
-def report(run, record, before, after):
-    """summary.json, and what a person reads at the end: samples before/after, then the numbers."""
-    summary = {"wall_time_s": round(time.time() - run.t_start, 1), "steps": run.progress["step"],
-               "processes": run.world, "train_pairs": len(run.train_set), "test_pairs": len(run.test_set),
-               "head_parameters": M.head_parameter_count(run.adapter.head),
-               "base_parameters": sum(p.numel() for p in run.adapter.base.parameters()), **record,
-               "samples": [{"prompt": c[-1]["content"], "frozen": b[0], "customised": a[0]}
-                           for c, b, a in zip(run.shown, before, after)],
-               "args": vars(run.args)}
-    run_state.write_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
-    for s in summary["samples"]:
-        print(f"\n### {s['prompt']}\n  frozen:     {s['frozen']}\n  customised: {s['customised']}")
-    print(f"\n{'held-out pairs':<34}{len(run.test_set)}")
-    for key, label in (("eval/rewards/accuracies", "pairwise accuracy (Q-Adapter R)"),
-                       ("eval/frozen_logp_accuracy", "  frozen log-prob margin"),
-                       ("eval/longer_wins_accuracy", "  the longer answer wins"),
-                       ("eval/rewards/margins", "mean margin R(y_w) − R(y_l)"),
-                       ("eval/kl", "per-token KL(pi~ ‖ pi1)")):
-        print(f"{label:<34}{record[key]:.4f}")
-    print(f"{'wall time':<34}{summary['wall_time_s']:.0f} s")
-    print(f"wrote {run.out_dir}/checkpoint, {run.metrics_path.name}, summary.json")
-    return summary
-
-
 def main(argv=None):
     run = setup(parse_args(argv))
     opts = dict(alpha0=run.args.alpha0, alpha_tilde=run.args.alpha_tilde, max_new_tokens=run.args.max_new_tokens,
@@ -425,7 +379,7 @@ def main(argv=None):
     if not run.main_process:
         return None
     after = generate(run.adapter, run.tok, run.shown, **opts) if run.shown else []
-    return report(run, record, before, after)
+    return run_state.report(run, record, before, after)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model as M  # noqa: E402
 from demo.concise import first_sentences, judge, sentences  # noqa: E402
 from demo.prompts import all_prompts  # noqa: E402
-from support import loading
+from support import loading  # noqa: E402
 
 MAX_NEW_TOKENS = 96
 _LAST_SENTENCE_END = re.compile(r".*[.!?][\"')\]]*(?=\s|$)", re.S)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import torch
 from tqdm import tqdm
@@ -126,3 +127,26 @@ class StopSignals:
         for s, h in self.previous.items():
             signal.signal(s, h)
 
+
+def report(run, record, before, after):
+    """summary.json, and what a person reads at the end: samples before/after, then the numbers."""
+    summary = {"wall_time_s": round(time.time() - run.t_start, 1), "steps": run.progress["step"],
+               "processes": run.world, "train_pairs": len(run.train_set), "test_pairs": len(run.test_set),
+               "head_parameters": sum(p.numel() for p in run.adapter.head.parameters() if p.requires_grad),
+               "base_parameters": sum(p.numel() for p in run.adapter.base.parameters()), **record,
+               "samples": [{"prompt": c[-1]["content"], "frozen": b[0], "customised": a[0]}
+                           for c, b, a in zip(run.shown, before, after)],
+               "args": vars(run.args)}
+    write_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    for s in summary["samples"]:
+        print(f"\n### {s['prompt']}\n  frozen:     {s['frozen']}\n  customised: {s['customised']}")
+    print(f"\n{'held-out pairs':<34}{len(run.test_set)}")
+    for key, label in (("eval/rewards/accuracies", "pairwise accuracy (Q-Adapter R)"),
+                       ("eval/frozen_logp_accuracy", "  frozen log-prob margin"),
+                       ("eval/longer_wins_accuracy", "  the longer answer wins"),
+                       ("eval/rewards/margins", "mean margin R(y_w) − R(y_l)"),
+                       ("eval/kl", "per-token KL(pi~ ‖ pi1)")):
+        print(f"{label:<34}{record[key]:.4f}")
+    print(f"{'wall time':<34}{summary['wall_time_s']:.0f} s")
+    print(f"wrote {run.out_dir}/checkpoint, {run.metrics_path.name}, summary.json")
+    return summary

@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import model as M
 from support import loading
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

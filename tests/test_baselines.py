@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import baselines
 import data
-import model as M
 from residual_q import IGNORE, response_logprob
 from tests.conftest import separable_pairs, write_jsonl
 from support import loading

@@ -9,7 +9,8 @@ import model as M
 import train
 from residual_q import customised_logits
 from tests.conftest import tiny_llama
-from tests.test_model_sample import adapter_for, padded_batch
+from sample import generate
+from tests.test_model_sample import PROMPTS, adapter_for, padded_batch
 from support import fused_path, vocab_chunks
 from support.frozen_cache import FrozenCache
 
@@ -165,3 +166,111 @@ def test_evaluation_without_vocabulary_tensors_equals_the_full_computation(token
             assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
     assert want["eval/kl"] > 1e-3  # the head moved the policy: the KL is not trivially 0
 
+
+
+# ------------------------------------------------------------------------------------------------
+# the default path (fused) equals the plain one (model.QAdapter.forward + residual_q.py), values and gradients
+
+WORDS = "the a cat sat on mat sun rain blue green four two why because river stone light day night".split()
+
+
+def random_pairs(tokenizer, seed, n=4, cutoff=40):
+    """n pairs of random answers of random lengths: rows padded differently, and with cutoff 40 some
+    responses cut before their EOS (a truncated response, whose last state is terminal)."""
+    g = torch.Generator().manual_seed(seed)
+    say = lambda k: " ".join(WORDS[i] for i in torch.randint(len(WORDS), (k,), generator=g).tolist())  # noqa: E731
+    lengths = torch.randint(1, 30, (n, 2), generator=g).tolist()
+    pairs = [data.Pair([{"role": "user", "content": f"Q{i}: {say(3)}?"}], say(a), say(b), f"row {i}")
+             for i, (a, b) in enumerate(lengths)]
+    examples = [data.tokenize_pair(tokenizer, p, cutoff) for p in pairs]
+    return data.collate(examples, tokenizer.pad_token_id), examples
+
+
+def path_loss(adapter, batch, path, flags):
+    adapter.head.zero_grad(set_to_none=True)
+    loss, metrics = train.batch_loss(adapter, batch, list(range(len(batch["labels"]) // 2)), FrozenCache(0),
+                                     train.parse_args(["--path", path, *flags]))
+    loss.backward()
+    return loss.detach(), metrics, [p.grad.clone() for p in adapter.head.parameters() if p.requires_grad]
+
+
+def chain_adapter(tokenizer, stacked, dtype=torch.float32):
+    base = tiny_llama(tokenizer).to(dtype)
+    adapter = adapter_for(base, seed=3, zero=False)
+    adapter.head.train()
+    if stacked:
+        adapter = M.QAdapter(base, adapter.head, below=[(adapter_for(base, seed=4, zero=False).head, 0.7, 1.4)])
+    return adapter
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("flags", [[], ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05"]])
+def test_fused_loss_and_gradient_equal_the_plain_path(tokenizer, seed, stacked, flags):
+    adapter = chain_adapter(tokenizer, stacked)
+    batch, examples = random_pairs(tokenizer, seed)
+    eos = tokenizer.eos_token_id
+    assert any(e["chosen_ids"][-1] != eos or e["rejected_ids"][-1] != eos for e in examples)  # a response is cut
+    assert batch["attention_mask"].sum(-1).unique().numel() > 2  # rows of several lengths: padding
+    plain_loss, plain_metrics, plain_grads = path_loss(adapter, batch, "plain", flags)
+    fused_loss, fused_metrics, fused_grads = path_loss(adapter, batch, "fused", flags)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for k in plain_metrics:
+        torch.testing.assert_close(fused_metrics[k], plain_metrics[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert max(float(g.abs().max()) for g in plain_grads) > 1e-4  # a real gradient, not zeros on both sides
+    for g_fused, g_plain in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_evaluation_is_the_same_on_both_paths(tokenizer, stacked):
+    adapter = chain_adapter(tokenizer, stacked)
+    _, examples = random_pairs(tokenizer, 2)
+    collate = lambda e: data.collate(e, tokenizer.pad_token_id)  # noqa: E731
+    flags = ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--batch-size", "2"]
+    plain = train.evaluate(adapter, examples, FrozenCache(0), train.parse_args(["--path", "plain", *flags]), "cpu", collate)
+    fused = train.evaluate(adapter, examples, FrozenCache(0), train.parse_args(flags), "cpu", collate)
+    assert plain.keys() == fused.keys()
+    for k in plain:
+        assert fused[k] == pytest.approx(plain[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_fused_decoding_equals_the_plain_customised_logits(tokenizer, stacked):
+    """sample.py's two paths, step by step with their KV caches: the same next-token distribution,
+    and the same greedy answers."""
+    from sample import next_logits
+    adapter = chain_adapter(tokenizer, stacked).eval()
+    ids, mask = padded_batch(tokenizer, "left")
+    pos = M.positions(mask)
+    caches = {p: [DynamicCache(config=adapter.base.config), adapter.new_head_cache()] for p in ("plain", "fused")}
+    split = ids.shape[1] - 3
+    for t in range(split, ids.shape[1] + 1):
+        lo = 0 if t == split else t - 1
+        logp = {}
+        for p, c in caches.items():
+            logits, *caches[p] = next_logits(adapter, ids[:, lo:t], mask[:, :t], pos[:, lo:t], *c, 0.6, 1.5, p)
+            logp[p] = torch.log_softmax(logits, -1)  # (B, V)
+        torch.testing.assert_close(logp["fused"], logp["plain"], rtol=1e-4, atol=1e-5)
+    kw = dict(alpha0=0.6, alpha_tilde=1.5, max_new_tokens=8)
+    assert generate(adapter, tokenizer, PROMPTS, path="plain", **kw) == generate(adapter, tokenizer, PROMPTS, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# guards where a change would silently break the math
+
+
+def test_projected_logsumexp_refuses_what_its_gradient_does_not_cover():
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="W must not require grad"):
+        vocab_chunks.projected_logsumexp(x, torch.randn(10, 4, requires_grad=True))
+    with pytest.raises(TypeError, match="τ must be a Python number"):
+        vocab_chunks.projected_logsumexp(x, torch.randn(10, 4), torch.tensor(0.5))
+
+
+def test_the_scored_window_refuses_a_response_that_is_not_one_run():
+    from residual_q import scored_states
+    labels = torch.tensor([[-100, 5, 6, -100, -100], [-100, 5, -100, 7, -100]])  # row 1: a hole in the response
+    with pytest.raises(ValueError, match="not one contiguous run"):
+        scored_states(labels)
+    scored_states(labels[:1])  # one run: fine
