@@ -336,6 +336,16 @@ def test_pair_dataset_drops_long_prompts(tok, capsys):
         data.PairDataset(tok, [long_pair], cutoff=128, max_prompt=128)
 
 
+def test_pair_dataset_counts_the_prompts_it_cuts(tok, capsys):
+    """A prompt longer than max_prompt keeps its end and the pair stays; the one line says how many."""
+    n = data.tokenize_pair(tok, PAIR, 4096, 4096)["chosen_labels"].count(IGNORE)  # PAIR's prompt tokens
+    long_pair = Pair([user("word " * 40)], "yes", "no", "t:5")
+    dataset = data.PairDataset(tok, [PAIR, long_pair], cutoff=n + 64, max_prompt=n)
+    assert len(dataset) == 2 and [e["prompt_cut"] for e in dataset] == [False, True]
+    assert dataset[1]["chosen_labels"].count(IGNORE) == n
+    assert f"1 of 2 prompts cut to their last {n} tokens" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------
 # real data
 

@@ -74,6 +74,15 @@ def test_bad_data_file(name, content, message, tiny_path, tmp_path, capsys):
     fails_cleanly(capsys, train.main, tiny_args(tiny_path, path, out), out, message)
 
 
+def test_split_by_prompt_with_one_prompt_names_the_cause(tiny_path, tmp_path, capsys):
+    one_prompt = [{"prompt": "Do you like tea?", "chosen": f"Yes {i}.", "rejected": f"No {i}."} for i in range(6)]
+    path = write_jsonl(tmp_path / "one_prompt.jsonl", one_prompt)
+    out = tmp_path / "run"
+    fails_cleanly(capsys, train.main, tiny_args(tiny_path, path, out), out,
+                  "one_prompt.jsonl: every pair has the same prompt, so splitting by prompt leaves no test pairs: "
+                  "give --test-data FILE")
+
+
 def test_missing_data_file(tiny_path, tmp_path, capsys):
     out = tmp_path / "run"
     fails_cleanly(capsys, train.main, tiny_args(tiny_path, tmp_path / "nope.jsonl", out), out, "nope.jsonl: no such file")
@@ -272,6 +281,15 @@ def test_sample_bad_input(flags, message, trained, tmp_path, capsys):
         cli.run(sample.main, [names.get(f, f) for f in flags] + ["--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and message in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_sample_alpha0_is_evaluates_dial(trained, tmp_path):
+    """--alpha0 a sets α0 = α̃ = a (pi~ ∝ pi1·exp(Q_R/a)), as evaluate.py's --alpha0 does."""
+    out = tmp_path / "answers.json"
+    sample.main(["--checkpoint", str(trained[0]), "--prompt", "Do you like tea?", "--alpha0", "2",
+                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["alpha0"] == written["alpha_tilde"] == 2.0
 
 
 def test_real_script_exit_codes(tiny_path, tmp_path):
