@@ -274,21 +274,6 @@ def hf_generate(lm, tokenizer, conversations, max_new_tokens=128):
 # ------------------------------------------------------------------------------------------------
 
 
-def load_data(args, tok):
-    """train.py's data path: the pairs, the split by prompt, the limits, the tokenised sets."""
-    try:
-        train_pairs = data.load_pairs(args.data, args.split)
-        if args.test_data:
-            test_pairs = data.load_pairs(args.test_data, args.split)
-        else:
-            train_pairs, test_pairs = data.split_by_prompt(train_pairs, args.test_fraction, args.seed)
-        train_pairs, test_pairs = train_pairs[:args.train_limit or None], test_pairs[:args.eval_limit or None]
-        return (train_pairs, test_pairs, data.PairDataset(tok, train_pairs, args.cutoff, args.max_prompt),
-                data.PairDataset(tok, test_pairs, args.cutoff, args.max_prompt))
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
@@ -302,7 +287,7 @@ def main(argv=None):
     print(why)
 
     tok = loading.load_tokenizer(args.base_model, args.trust_remote_code)
-    train_pairs, test_pairs, train_set, test_set = load_data(args, tok)
+    train_set, test_set, test_pairs = data.train_and_test_sets(args, tok)  # train.py's data path
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs")
 
     base, _ = loading.load_base(args.base_model, device, dtype, args.trust_remote_code, tokenizer=tok)

@@ -176,13 +176,15 @@ class Scores(NamedTuple):
 
 def scores_plain(adapter, batch, args, with_kl=False):
     """The paper's quantities as written: Q_R and log pi1 over the whole vocabulary, then residual_q.py."""
-    q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"])  # (2B, T, V) each
     labels = batch["labels"]  # (2B, T)
+    q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"])  # (2B, T, V) Q_R(s, ·), log pi1(·|s)
     v = soft_value(q_r, logp1, args.alpha0, args.alpha_tilde)  # (2B, T) V(s_t)
+    q_sa = gather_actions(q_r, labels)  # (2B, T-1) Q_R(s_t, a_t)
+    logp1_sa = gather_actions(logp1, labels)  # (2B, T-1) log pi1(a_t | s_t)
     kl = None
-    if with_kl:
-        kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1] * next_tokens(labels)[1]  # (2B, T-1)
-    return Scores(gather_actions(q_r, labels), v, gather_actions(logp1, labels), kl, labels)
+    if with_kl:  # (2B, T-1) KL(pi~ ‖ pi1) at the states that take a response action
+        kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1] * next_tokens(labels)[1]
+    return Scores(q_sa, v, logp1_sa, kl, labels)
 
 
 def scores(adapter, batch, keys, cache, args, with_kl=False):

@@ -11,7 +11,7 @@ So the two answers share their beginning and differ in where the model stops: th
 "make your point, then stop". Why the rejected answer never ends at a sentence end: its end-of-turn
 token is scored too, and the loss pushes it down; ended after its third or later sentence, it
 taught "do not stop at a sentence end", the opposite of the chosen answer's lesson (measured:
-3% of generated test answers concise with that version, 15% with this one; README).
+3% of generated test answers concise with that version, 15% with this one; docs/results.md).
 Earlier still, the chosen answer came from a second generation with a system prompt asking for
 brevity; the two answers then differed in wording everywhere, the Bradley–Terry loss was met by
 those differences within a few steps, and the customised answers did not get shorter.

@@ -20,7 +20,7 @@ class FrozenCache:
     costliest part of a step. Kept in memory up to budget_gb, then on disk up to disk_gb (one
     temporary file in disk_dir, deleted when the run ends); a sequence kept nowhere is recomputed.
     Both keep the exact bits: the frozen model never changes, so what is read back is what a
-    recomputation of the same batch gives (tests/test_speed_paths.py)."""
+    recomputation of the same batch gives (tests/test_fused_path.py)."""
 
     def __init__(self, budget_gb, disk_gb=0.0, disk_dir=None):
         self.budget, self.used, self.store = budget_gb * 2**30, 0, {}

@@ -145,7 +145,7 @@ def full_tensor_evaluation(adapter, batch, args):
 
 @pytest.mark.parametrize("stacked", [False, True])
 def test_evaluation_without_vocabulary_tensors_equals_the_full_computation(tokenizer, stacked):
-    """train.evaluate reads Q_R, log pi1 and V at the taken actions (QAdapter.scores) and the KL a
+    """train.evaluate reads Q_R, log pi1 and V at the taken actions (fused_path.fused_scores) and the KL a
     chunk of states at a time: the same numbers as the (2B, W, V) tensors give, also for a head
     stacked on another (whose log Z1 is the policy below's, not the base model's)."""
     base = tiny_llama(tokenizer)

@@ -116,7 +116,7 @@ def test_embedded_model_zero_head_greedy_matches_hf(tokenizer):
 
 
 def test_fused_scores_equal_the_residual_q_functions_on_whole_tensors(tokenizer):
-    """QAdapter.scores (one combined projection) gives the same Q_R(s,a), log pi1(a|s) and V(s)."""
+    """fused_path.fused_scores (one combined projection) gives the same Q_R(s,a), log pi1(a|s) and V(s)."""
     import residual_q as rq
     base = tiny_llama(tokenizer)
     adapter = adapter_for(base, zero=False)
