@@ -9,8 +9,8 @@ One batch of preference pairs, in the paper's order (`batch_loss`):
 Only the head is trained. `--path plain` runs exactly these steps (`scores_plain`). The default,
 `--path fused`, gets the same Q_R(s_t, a_t), V(s_t) and log pi1(a_t|s_t) without (2B, T, V)
 tensors and keeps the frozen model's outputs across epochs (support/fused_path.py; tested equal,
-values and gradients); steps 3b and 4 are the same code for both. Evaluation reads the same
-numbers on held-out pairs, plus KL(pi~ ‖ pi1) at every response state.
+values and gradients); from r2 on, both run the same code. Evaluation reads the same numbers on
+held-out pairs, plus KL(pi~ ‖ pi1) at every response state.
 
     python train.py                                   # the embedded demo: SmolLM2-135M, concise answers, CPU
     python train.py --base-model meta-llama/Llama-3.1-8B-Instruct \\
