@@ -14,8 +14,9 @@ Learned the preference?
   pairwise accuracy on held-out pairs, with each method's own implicit reward: Q-Adapter the
     return R(x,y) = Σ_t r2 (residual_q.py); DPO and SFT β·Σ_t log pi/pi1 (Rafailov et al.); the
     frozen model its log-likelihood log pi1(y|x). Plus the mean margin reward(y_w) − reward(y_l).
-  adherence (`--adherence`, the demo preference): greedy answers to the test prompts, scored by
-    demo/concise.py (share concise; share degenerate).
+  adherence (`--adherence`, a demo preference): greedy answers to the test prompts, scored by
+    demo/child.py (the demo's; share "child") or demo/concise.py (--scorer concise), and the
+    share of degenerate answers.
 Forgot what it knew?
   multiple-choice benchmarks scored by log-likelihood under the policy (never the head alone), in
     lm-evaluation-harness's format: context "Question: {question}\\nAnswer:", continuation
@@ -39,6 +40,7 @@ against retention). --limit N takes the first N held-out pairs, KL sequences and
 evenly spaced benchmark questions (MMLU is sorted by subject).
 """
 import argparse
+import importlib
 import json
 import time
 from pathlib import Path
@@ -457,7 +459,7 @@ def build_parser():
                          "default: the trained α0 and α̃")
     ap.add_argument("--pairs", default=None,
                     help="held-out preference pairs (default: each checkpoint's own test data or split)")
-    ap.add_argument("--kl-data", default=str(HERE / "demo" / "concise_test.jsonl"),
+    ap.add_argument("--kl-data", default=str(HERE / "demo" / "child_test.jsonl"),
                     help="pairs whose chosen responses are scored teacher-forced for the KL (default: the demo's "
                          "held-out prompts, general questions)")
     ap.add_argument("--arc-easy", default=HUB["arc_easy"][0],
@@ -465,8 +467,10 @@ def build_parser():
     ap.add_argument("--mmlu", default=HUB["mmlu"][0],
                     help="MMLU: a .jsonl in the HF layout, or cais/mmlu (hub, the default); '' skips it")
     ap.add_argument("--adherence", action="store_true",
-                    help="generate greedy answers to --prompts and score them with demo/concise.py")
-    ap.add_argument("--prompts", default=str(HERE / "demo" / "concise_test.jsonl"),
+                    help="generate greedy answers to --prompts and score them with the --scorer of demo/")
+    ap.add_argument("--scorer", default="child", choices=["child", "concise"],
+                    help="which demo preference --adherence scores: demo/child.py (the demo's) or demo/concise.py")
+    ap.add_argument("--prompts", default=str(HERE / "demo" / "child_test.jsonl"),
                     help="prompts for --adherence: a preference .jsonl (its prompts)")
     ap.add_argument("--limit", type=int, default=0,
                     help="at most N pairs, KL sequences and prompts, N benchmark questions (0: all)")
@@ -571,7 +575,7 @@ def main(argv=None):
         for bench, items in benchmarks.items():
             merge(multiple_choice(policy, tok, items, args.mc_cutoff, args.batch_size, bench, with_frozen=not frozen_done))
         if prompts:
-            from demo.concise import adherence
+            adherence = importlib.import_module(f"demo.{args.scorer}").adherence
             answers = policy.generate(tok, prompts, args.max_new_tokens, args.batch_size)
             if not frozen_done:
                 answers["frozen"] = frozen_generate(policy, tok, prompts, args.max_new_tokens, args.batch_size)

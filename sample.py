@@ -17,6 +17,7 @@ keeps its own cache.
     python sample.py --checkpoint runs/academy --checkpoint runs/business --weights 0.5 0.5 --prompt "..."
 """
 import argparse
+import importlib
 import json
 import os
 import textwrap
@@ -156,8 +157,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both models in --compare")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     ap.add_argument("--compare", action="store_true", help="also decode with the frozen model, side by side")
-    ap.add_argument("--score-concise", action="store_true",
-                    help="score the answers' adherence to the demo preference (demo/concise.py)")
+    ap.add_argument("--score", choices=["child", "concise"], default=None,
+                    help="score the answers' adherence to a demo preference: demo/child.py (the demo's) or "
+                         "demo/concise.py")
     ap.add_argument("--out", help="write prompts and answers to this JSON file")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     ap.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
@@ -217,12 +219,12 @@ def main(argv=None):
                "answers": [{"prompt": c, "customised": a[0], "finished": a[1]} for c, a in zip(conversations, custom)]}
     for r, a in zip(results["answers"], frozen or []):
         r.update(frozen=a[0], frozen_finished=a[1])
-    if args.score_concise:
-        from demo.concise import adherence
+    if args.score:
+        adherence = importlib.import_module(f"demo.{args.score}").adherence
         for name, answers in (("customised", custom), ("frozen", frozen)):
             if answers is not None:
-                results[f"concise/{name}"] = adherence(*zip(*answers))
-                print(f"concise adherence, {name + ':':<12}{results[f'concise/{name}']}")
+                results[f"{args.score}/{name}"] = adherence(*zip(*answers))
+                print(f"{args.score} adherence, {name + ':':<12}{results[f'{args.score}/{name}']}")
     if args.out:
         out = Path(args.out)
         tmp = out.with_name(f".{out.name}.tmp")

@@ -1,0 +1,98 @@
+"""What `make demo` ends with: does the customised model *write* the preference?
+
+The frozen model and the customised policy of a trained run answer the run's held-out prompts
+(its --test-data, demo/child_test.jsonl for the demo), greedily, a batch at a time with KV caches
+(sample.generate_batched); demo/child.py judges every answer. Printed: a few prompts with the two
+answers side by side and the verdicts, then for all held-out prompts the share of answers in the
+preferred style, the share of degenerate ones (empty or looping), and the per-token
+KL(pi~ ‖ pi1) along the customised answers (teacher-forced: model.QAdapter.forward, then
+residual_q.kl_to_frozen at every answer state). Everything goes to RUN/demo.json.
+
+    python demo/show.py runs/demo                 # after `python train.py --out-dir runs/demo`
+    python demo/show.py runs/demo --shown 6 --max-new-tokens 128
+"""
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+from demo.child import adherence, judge  # noqa: E402
+from residual_q import kl_to_frozen, next_tokens, scored_states  # noqa: E402
+from sample import generate_batched  # noqa: E402
+from support import cli, loading, run_state  # noqa: E402
+
+
+@torch.no_grad()
+def kl_along(adapter, tok, conversations, answers, alpha0, alpha_tilde, batch_size):
+    """Mean over the answers' tokens of KL(pi~(·|s_t) ‖ pi1(·|s_t)), the answers teacher-forced."""
+    pairs = [data.Pair(c, a or ".", ".", f"answer {i}") for i, (c, a) in enumerate(zip(conversations, answers))]
+    examples = [e for e in data.tokenize_pairs(tok, pairs, cutoff=1024, max_prompt=512) if e is not None]
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        part = examples[i:i + batch_size]
+        batch = {k: v[:len(part)].to(adapter.out_weight.device)  # the chosen rows: the answers
+                 for k, v in data.collate(part, tok.pad_token_id).items()}
+        states, labels = scored_states(batch["labels"])  # (B, W) the answer's states
+        q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"], states)  # (B, W, V)
+        kl = kl_to_frozen(q_r, logp1, alpha0, alpha_tilde)[:, :-1]  # (B, W-1)
+        _, mask = next_tokens(labels)  # (B, W-1) states that take an answer token
+        total, tokens = total + float((kl * mask).sum()), tokens + int(mask.sum())
+    return total / max(tokens, 1)
+
+
+def side_by_side(prompt, frozen, custom, width=58):
+    left, right = (textwrap.wrap(a, width) or [""] for a in (frozen, custom))
+    print(f"\n### {prompt}")
+    print(f"{'frozen pi1: ' + judge(frozen):<{width}} | customised pi~: {judge(custom)}")
+    for k in range(max(len(left), len(right))):
+        print(f"{left[k] if k < len(left) else '':<{width}} | {right[k] if k < len(right) else ''}")
+
+
+def main(argv=None):
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a train.py output directory")
+    ap.add_argument("--prompts", default=None, help="held-out pairs whose prompts are answered (default: the run's --test-data)")
+    ap.add_argument("--limit", type=int, default=0, help="answer only the first N prompts (0: all)")
+    ap.add_argument("--shown", type=int, default=4, help="prompts printed with both answers side by side")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer at most")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: a GPU if there is one)")
+    args = ap.parse_args(argv)
+    device, dtype, why = loading.pick_device(args.device)
+    adapter, tok, config = loading.load_adapter(args.run, device, dtype)
+    source = args.prompts or config.get("test_data")
+    cli.check(bool(source), f"{args.run}: the run split its data by prompt; give --prompts FILE")
+    try:
+        conversations = [p.prompt for p in data.load_pairs(source)][:args.limit or None]
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    alphas = dict(alpha0=config["alpha0"], alpha_tilde=config["alpha_tilde"])
+    opts = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    frozen = generate_batched(adapter, tok, conversations, desc="frozen answers", frozen_only=True, **opts)
+    custom = generate_batched(adapter, tok, conversations, desc="customised answers", **alphas, **opts)
+    for conv, f, c in list(zip(conversations, frozen, custom))[:args.shown]:
+        side_by_side(conv[-1]["content"], f[0], c[0])
+    kl = kl_along(adapter, tok, conversations, [a for a, _ in custom], batch_size=8, **alphas)
+    result = {"prompts": len(conversations), "max_new_tokens": args.max_new_tokens, **alphas,
+              "frozen": adherence(*zip(*frozen)), "customised": {**adherence(*zip(*custom)), "kl": kl},
+              "answers": [{"prompt": c[-1]["content"], "frozen": f[0], "customised": a[0]}
+                          for c, f, a in zip(conversations, frozen, custom)]}
+    result["frozen"]["kl"] = 0.0  # KL(pi1 ‖ pi1)
+    print(f"\n{len(conversations)} held-out prompts, greedy, at most {args.max_new_tokens} new tokens")
+    print(f"  {'':<40}{'frozen pi1':>10}   {'customised pi~':>14}")
+    for key, label in (("adherence", "answers a child would understand"), ("degenerate", "degenerate (empty, looping)"),
+                       ("kl", "per-token KL(pi~ ‖ pi1)")):
+        print(f"  {label:<40}{result['frozen'][key]:>10.3f}   {result['customised'][key]:>14.3f}")
+    out = Path(args.run).parent if Path(args.run).name == "checkpoint" else Path(args.run)
+    run_state.write_atomic(out / "demo.json", json.dumps(result, indent=2, ensure_ascii=False))
+    print(f"wrote {out / 'demo.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    cli.run(main)
