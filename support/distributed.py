@@ -43,10 +43,12 @@ def my_share(batch, rank, world):
 
 
 def all_reduce_sum(values, world):
-    """{name: float} summed over the processes (a no-op with one)."""
+    """{name: float} summed over the processes (a no-op with one). NCCL reduces GPU tensors only, so
+    the numbers travel on this process's GPU there, and on the CPU with gloo."""
     if world == 1:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, t.tolist()))
 
