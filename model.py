@@ -18,8 +18,13 @@ the formulas of residual_q.py take. Default head (2 layers, width 256, 4 heads):
 1.3% of SmolLM2-135M-Instruct (134.5M); on Llama-3.1-8B-Instruct (D = 4096) the same flags give
 3.6M, 0.05% of 8.0B, and `--head-width 1024` gives 33M, 0.4%.
 
+The paper's own parameterisation is the other head, `LoraHead` (train.py --q-head lora): LoRA on the
+frozen model's layers, u(s) = h_lora(s) − h(s), the same D-dimensional correction, so everything
+downstream is shared. It costs a second pass through the whole model per step, with a backward.
+
 Loading the base model and saving or loading heads: support/loading.py.
 """
+import copy
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -66,8 +71,9 @@ class QHead(nn.Module):
         """An empty KV cache for decoding."""
         return DynamicCache(config=self.blocks.config)
 
-    def forward(self, h, attention_mask, position_ids, cache=None):
-        """h: (B, T, D) frozen hidden states, float32 -> u: (B, T, D), and the head's KV cache."""
+    def forward(self, h, attention_mask, position_ids, cache=None, input_ids=None):
+        """h: (B, T, D) frozen hidden states, float32 -> u: (B, T, D), and the head's KV cache.
+        input_ids: ignored (LoraHead reads them; this head reads h alone)."""
         out = self.blocks(inputs_embeds=self.down(h), attention_mask=attention_mask,
                           position_ids=position_ids, cache=cache, use_cache=cache is not None)
         return self.up(out.last_hidden_state), out.cache
@@ -80,6 +86,77 @@ def head_config_for(base, width=256, layers=2, heads=4):
     return HeadConfig(base_hidden=c.hidden_size, width=width, layers=layers, heads=heads,
                       max_positions=getattr(c, "max_position_embeddings", 8192),
                       rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))))
+
+
+@dataclass
+class LoraHeadConfig:
+    base_hidden: int  # D, width of the frozen model's hidden state
+    rank: int = 8  # r of each LoRA update B·A (the paper: 8)
+    targets: tuple = ("q_proj", "v_proj")  # the frozen model's linear layers that get one (the paper: q, v)
+    alpha: float = 16.0  # LoRA scale numerator: W + (alpha / r)·B·A (train.py: 2·r, as baselines.py)
+
+
+class LoraHead(nn.Module):
+    """The paper's Q-adapter: LoRA on the frozen model's own layers (train.py --q-head lora),
+
+        Q_R(s, ·) = (logits with the adapter) − (logits without) = W_out·(h_lora(s) − h(s)),
+
+    so its correction is u(s) = h_lora(s) − h(s), both last hidden states after the final norm, and
+    W_out is shared and frozen: the fused projection W_out·(u + α0·h), decoding and the KL are
+    QHead's, unchanged. peft initialises every B to zero, so Q_R ≡ 0 at step 0, exactly.
+
+    The LoRA layers sit in a second set of the decoder's modules built over the *same* weight
+    tensors (a copy of the module objects, not of the weights): the frozen model itself is never
+    modified, so every pass of pi1 (QAdapter.hidden, sample.py --compare, evaluate.py) is the frozen
+    model, with no adapter to switch off. Only the LoRA weights train and are saved.
+
+    What it costs, against QHead: a second forward per step (the frozen pass gives h and log pi1,
+    then this adapter pass), and a backward pass through the whole frozen model, which keeps the
+    activations of every layer, where QHead's backward goes through its 2 small layers. Decoding
+    runs the model twice per token, each with its own KV cache. The frozen-output cache
+    (support/frozen_cache.py) still skips the frozen pass, not this one: it needs the input ids."""
+
+    def __init__(self, base, cfg: LoraHeadConfig):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import cast_adapter_dtype
+        self.cfg = cfg
+        decoder = base.get_decoder()
+        shared = {id(t): t for t in [*decoder.parameters(), *decoder.buffers()]}  # kept, not copied
+        self.decoder = copy.deepcopy(decoder, memo=shared)  # new modules over the frozen tensors
+        inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets)),
+                                self.decoder)  # B = 0
+        cast_adapter_dtype(self.decoder, "default")  # LoRA weights in float32, also on a bf16 model
+        self.decoder.eval()
+
+    def train(self, mode=True):
+        """The copied layers stay in eval mode (no dropout), as the frozen pass runs: h_lora = h at step 0."""
+        super().train(mode)
+        self.decoder.eval()
+        return self
+
+    def new_cache(self):
+        """An empty KV cache for decoding: the adapter pass's keys and values are not the frozen pass's."""
+        return DynamicCache(config=self.decoder.config)
+
+    def forward(self, h, attention_mask, position_ids, cache=None, input_ids=None):
+        """input_ids (B, T) through the model with LoRA, and h (B, T, D) their frozen hidden states,
+        float32 -> u = h_lora − h: (B, T, D) float32, and this pass's KV cache."""
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           cache=cache, use_cache=cache is not None)
+        return out.last_hidden_state.float() - h, out.cache  # (B, T, D)
+
+    def state_dict(self, *args, **kwargs):
+        """The LoRA weights alone: the others are the frozen model's, not this head's."""
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if "lora_" in k}
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """The LoRA weights, as state_dict gives them; strict: every one and nothing else."""
+        missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in missing if "lora_" in k]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"LoRA weights do not fit: missing {missing[:2]}, unexpected {unexpected[:2]}")
+        return missing, unexpected
 
 
 def head_parameter_count(head):
@@ -172,7 +249,8 @@ class QAdapter(nn.Module):
             states = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         top, below = head_cache if head_cache is not None else (None, None)
         x1, below = self.prior(hidden, attention_mask, position_ids, below)  # (B, T, D)
-        u, top = self.head(hidden.float(), attention_mask, position_ids, top)  # (B, T, D)
+        # u from h (QHead), or from the tokens through the model with LoRA (LoraHead)
+        u, top = self.head(hidden.float(), attention_mask, position_ids, top, input_ids=input_ids)  # (B, T, D)
         q_r = self.project(pick(u, states))  # (B, W, V)  Q_R(s, ·) = W_out·u(s)
         with torch.no_grad():
             logp1 = torch.log_softmax(self.project(pick(x1, states)), dim=-1)  # (B, W, V)  log pi1(·|s)
@@ -202,11 +280,11 @@ class WeightedHeads(nn.Module):
     def new_cache(self):
         return [h.new_cache() for h in self.heads]
 
-    def forward(self, h, attention_mask, position_ids, cache=None):
+    def forward(self, h, attention_mask, position_ids, cache=None, input_ids=None):
         """h: (B, T, D) -> Σ_i w_i·u_i: (B, T, D), and the list of the heads' caches."""
         caches = cache if cache is not None else [None] * len(self.heads)
         total, new = 0.0, []
         for head, w, c in zip(self.heads, self.weights, caches):
-            u, c = head(h, attention_mask, position_ids, c)
+            u, c = head(h, attention_mask, position_ids, c, input_ids=input_ids)
             total, new = total + w * u, new + [c]
         return total, (new if cache is not None else None)

@@ -6,16 +6,19 @@ One batch of preference pairs, in the paper's order (`batch_loss`):
   3. residual_q.py   V(s) = α̃·logsumexp((Q_R + α0·log pi1)/α̃), Q_R(s_t, a_t), and the derived
                      reward r2 = Q_R(s_t, a_t) − γ·V(s_{t+1}) of every response token;
   4. bt_loss.py      L = −log σ(R(y_w) − R(y_l)) + β·mean r2², with R = Σ_t r2.
-Only the head is trained. `--path plain` runs exactly these steps (`scores_plain`). The default,
-`--path fused`, gets the same Q_R(s_t, a_t), V(s_t) and log pi1(a_t|s_t) without (2B, T, V)
-tensors and keeps the frozen model's outputs across epochs (support/fused_path.py; tested equal,
-values and gradients); from r2 on, both run the same code. Evaluation reads the same numbers on
-held-out pairs, plus KL(pi~ ‖ pi1) at every response state.
+Only the head is trained: by default a small transformer on the frozen hidden states (model.QHead);
+`--q-head lora`, the paper's own Q-adapter, LoRA on the frozen model's layers (model.LoraHead), whose
+Q_R is the logits with the adapter minus those without. `--path plain` runs exactly these steps
+(`scores_plain`). The default, `--path fused`, gets the same Q_R(s_t, a_t), V(s_t) and
+log pi1(a_t|s_t) without (2B, T, V) tensors and keeps the frozen model's outputs across epochs
+(support/fused_path.py; tested equal, values and gradients); from r2 on, both run the same code.
+Evaluation reads the same numbers on held-out pairs, plus KL(pi~ ‖ pi1) at every response state.
 
     python train.py                                   # the embedded demo: SmolLM2-135M, concise answers, CPU
     python train.py --base-model meta-llama/Llama-3.1-8B-Instruct \\
         --data dsp_academy_pairs.jsonl --test-data "" --cutoff 512 \\
         --batch-size 8 --grad-accum 8 --head-width 1024 --lr 3e-4 --out-dir runs/dsp-academy   # one GPU, bf16
+    python train.py --q-head lora --lora-rank 8 --lr 3e-4 --out-dir runs/lora   # the paper's LoRA Q-adapter
     python train.py --out-dir runs/demo --resume      # continue from runs/demo/checkpoint
     torchrun --standalone --nproc_per_node 4 train.py --batch-size 4 ...      # 4 GPUs, data parallel
     python train.py --base-model meta-llama/Llama-3.1-70B-Instruct --device-map auto ...   # frozen model over all GPUs
@@ -66,9 +69,18 @@ def build_parser(description=__doc__):
     a = ap.add_argument_group("model")
     a.add_argument("--base-model", default=loading.EMBEDDED,
                    help=f"frozen model pi1: a Hugging Face hub name or local path ({loading.EMBEDDED}: the embedded default)")
+    a.add_argument("--q-head", default="small", choices=["small", "lora"],
+                   help="what learns Q_R: small, a 2-layer transformer on the frozen hidden states (model.QHead); "
+                        "lora, the paper's Q-adapter, LoRA on the frozen model's layers with Q_R = logits with "
+                        "it − logits without (model.LoraHead: a second forward and a backward through the whole "
+                        "model per step; the paper trains it with --lr 3e-4)")
     a.add_argument("--head-width", type=int, default=256, help="width of the Q-head's transformer")
     a.add_argument("--head-layers", type=int, default=2, help="layers of the Q-head's transformer")
     a.add_argument("--head-heads", type=int, default=4, help="attention heads of the Q-head")
+    a.add_argument("--lora-rank", type=int, default=8, help="--q-head lora: rank r of each LoRA update (the paper: 8)")
+    a.add_argument("--lora-modules", default="q_proj,v_proj",
+                   help="--q-head lora: comma-separated names of the frozen model's linear layers that get a LoRA "
+                        "update (the paper: q_proj,v_proj)")
     a.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
     a.add_argument("--base-head", action="append", default=[], metavar="CHECKPOINT",
                    help="customise the customised policy of this trained head (stacking): it stays frozen "
@@ -150,7 +162,7 @@ def parse_args(argv=None, parser=None):
     for flag in ("lr", "max_grad_norm"):
         cli.check(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     cli.check(0 <= args.warmup < 1, f"--warmup must be in [0, 1), got {args.warmup}")
-    for flag in ("epochs", "batch_size", "grad_accum", "head_width", "head_layers", "head_heads"):
+    for flag in ("epochs", "batch_size", "grad_accum", "head_width", "head_layers", "head_heads", "lora_rank"):
         cli.check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("eval_every", "save_every", "train_limit", "eval_limit", "samples", "max_steps", "cache_gb",
                  "cache_disk_gb"):
@@ -158,6 +170,7 @@ def parse_args(argv=None, parser=None):
     cli.check(args.head_width % (2 * args.head_heads) == 0,
               f"--head-width {args.head_width} must be a multiple of 2 x --head-heads {args.head_heads} (even head size for RoPE)")
     cli.check(not (args.resume and args.overwrite), "--resume and --overwrite contradict each other")
+    cli.check(not (args.q_head == "lora" and args.device_map), "--device-map is not supported with --q-head lora")
     return args
 
 
@@ -231,17 +244,30 @@ def evaluate(adapter, test_set, cache, args, device, collate):
 # setting up a run
 
 
+def new_head(args, base):
+    """--q-head small: model.QHead; lora: model.LoraHead, LoRA on the --lora-modules layers of the base."""
+    if args.q_head == "small":
+        return M.QHead(M.head_config_for(base, args.head_width, args.head_layers, args.head_heads))
+    targets = tuple(t.strip() for t in args.lora_modules.split(",") if t.strip())
+    names = {name.rsplit(".", 1)[-1] for name, _ in base.get_decoder().named_modules()}
+    cli.check(targets and all(t in names for t in targets),
+              f"--lora-modules: no layer named {[t for t in targets if t not in names] or args.lora_modules!r} in "
+              f"{args.base_model} (linear layers are named e.g. q_proj, k_proj, v_proj, o_proj)")
+    return M.LoraHead(base, M.LoraHeadConfig(base.config.hidden_size, args.lora_rank, targets, 2.0 * args.lora_rank))
+
+
 def build_model(args, device, dtype, tok, world):
     """(adapter, trained): the frozen base with a new head on the chain it is stacked on; trained is
     what the loss runs through (with several processes, the head wrapped in DDP)."""
     args.chain = loading.chain_of(args.base_head, args.base_model)  # stacked on these frozen heads (none: on pi1)
     base, _ = loading.load_base(args.base_model, device, dtype, args.trust_remote_code, args.device_map, tokenizer=tok)
     device = base.get_output_embeddings().weight.device  # where the head lives (not `device` with --device-map)
-    head = M.QHead(M.head_config_for(base, args.head_width, args.head_layers, args.head_heads)).to(device)
+    head = new_head(args, base).to(device)
     below = loading.load_chain(args.chain, args.base_model, device)
     adapter = M.QAdapter(base, head, below)  # evaluation, sampling and checkpoints use the head itself
     n_head, n_base = M.head_parameter_count(head), sum(p.numel() for p in base.parameters())
-    print(f"head: {n_head / 1e6:.2f}M trainable parameters, {100 * n_head / n_base:.2f}% of the "
+    kind = f"LoRA r={args.lora_rank} on {args.lora_modules}" if args.q_head == "lora" else "head"
+    print(f"{kind}: {n_head / 1e6:.2f}M trainable parameters, {100 * n_head / n_base:.2f}% of the "
           f"frozen {n_base / 1e6:.0f}M" + (f"; stacked on {len(below)} frozen head(s)" if below else ""))
     return adapter, adapter if world == 1 else M.QAdapter(base, DDP(head), below)
 

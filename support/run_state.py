@@ -21,8 +21,8 @@ from tqdm import tqdm
 from support import cli, loading
 
 # flags a resumed run must share with the checkpoint: the model's shape, and the data order
-RESUME_MUST_MATCH = ("base_model", "base_heads", "head_width", "head_layers", "head_heads", "batch_size",
-                     "grad_accum", "seed", "world_size")
+RESUME_MUST_MATCH = ("base_model", "base_heads", "q_head", "head_width", "head_layers", "head_heads", "lora_rank",
+                     "lora_modules", "batch_size", "grad_accum", "seed", "world_size")
 
 
 def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, world):
@@ -33,8 +33,8 @@ def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, worl
             "base_heads": args.chain,  # the heads this one is stacked on (model.chain_of)
             **{k: getattr(args, k) for k in
                ("alpha0", "alpha_tilde", "gamma", "beta", "cutoff", "max_prompt", "lr", "epochs", "batch_size",
-                "grad_accum", "seed", "head_width", "head_layers", "head_heads", "data", "test_data", "split",
-                "test_fraction", "train_limit", "eval_limit")}, **progress}
+                "grad_accum", "seed", "head_width", "head_layers", "head_heads", "lora_rank", "lora_modules", "data",
+                "test_data", "split", "test_fraction", "train_limit", "eval_limit")}, **progress}
     loading.save_adapter(tmp, adapter.head, meta)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), **progress}, tmp / "trainer_state.pt")
