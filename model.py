@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
+from support.compat import run_decoder
 from support.vocab_chunks import project
 
 
@@ -74,9 +75,9 @@ class QHead(nn.Module):
     def forward(self, h, attention_mask, position_ids, cache=None, input_ids=None):
         """h: (B, T, D) frozen hidden states, float32 -> u: (B, T, D), and the head's KV cache.
         input_ids: ignored (LoraHead reads them; this head reads h alone)."""
-        out = self.blocks(inputs_embeds=self.down(h), attention_mask=attention_mask,
-                          position_ids=position_ids, cache=cache, use_cache=cache is not None)
-        return self.up(out.last_hidden_state), out.cache
+        out, cache = run_decoder(self.blocks, cache, inputs_embeds=self.down(h), attention_mask=attention_mask,
+                                 position_ids=position_ids)  # (B, T, d)
+        return self.up(out), cache
 
 
 def head_config_for(base, width=256, layers=2, heads=4):
@@ -142,9 +143,9 @@ class LoraHead(nn.Module):
     def forward(self, h, attention_mask, position_ids, cache=None, input_ids=None):
         """input_ids (B, T) through the model with LoRA, and h (B, T, D) their frozen hidden states,
         float32 -> u = h_lora − h: (B, T, D) float32, and this pass's KV cache."""
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           cache=cache, use_cache=cache is not None)
-        return out.last_hidden_state.float() - h, out.cache  # (B, T, D)
+        h_lora, cache = run_decoder(self.decoder, cache, input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids)  # (B, T, D)
+        return h_lora.float() - h, cache
 
     def state_dict(self, *args, **kwargs):
         """The LoRA weights alone: the others are the frozen model's, not this head's."""
@@ -210,10 +211,8 @@ class QAdapter(nn.Module):
     def hidden(self, input_ids, attention_mask, position_ids=None, cache=None):
         """The frozen model's last hidden state h: (B, T, D) in its own dtype, never with gradients."""
         with torch.no_grad():
-            out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          position_ids=position_ids, cache=cache,
-                                          use_cache=cache is not None)
-        return out.last_hidden_state, out.cache
+            return run_decoder(self.base.get_decoder(), cache, input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids)
 
     def prior(self, hidden, attention_mask, position_ids, caches=None):
         """x1 (B, T, D) with log pi1 = log_softmax(W_out·x1): the direction of the policy being

@@ -13,8 +13,8 @@
 #      Results land in $OUT (7 files: check.log, a-pytest.log, a-junit.xml, b-bench.log,
 #      b-bench.json, c-torchrun.log, summary.json); the summary is printed last. Without $OUT
 #      they go to gpu-results/. TRANSFORMERS=machine runs with the machine's own transformers
-#      instead of the carried wheel (preflight says whether model.py can run with it: transformers
-#      5.17 cannot, its LlamaModel takes past_key_values, not cache=). PYTEST_ARGS adds pytest
+#      instead of the carried wheel (preflight prints which KV-cache keyword it takes: `cache` in
+#      5.24, `past_key_values` in 5.17; support/compat.py handles both). PYTEST_ARGS adds pytest
 #      flags (e.g. "-n 8": pytest-xdist is on the H200 image), MEMORY_GIB=0 lets (b)'s largest batch
 #      use the whole GPU (slower: about 650 pairs for Llama-3.1-8B), BENCH_SKIP replaces the figures
 #      (b) skips (default train_step_kept,train_step_disk,official,decode).
@@ -23,7 +23,7 @@
 #
 # WHAT EACH PART MEASURES (each with its own time limit; a part that fails does not stop the rest)
 #   preflight  versions of python, torch, transformers; the GPU; whether transformers' LlamaModel
-#              takes model.py's `cache=` keyword; both random shapes built on the meta device
+#              takes `cache=` or `past_key_values=`; both random shapes built on the meta device
 #              (parameter counts).
 #   (a) tests  the whole pytest suite with the GPU visible: tests/test_cuda.py runs there (fused ==
 #              plain loss and head gradient in float32 and bf16, fused == plain decoding logits,
@@ -143,9 +143,8 @@ for name in bench.RANDOM_MODELS:
     info[f"{name}_parameters"] = sum(p.numel() for p in m.parameters())
 print("PREFLIGHT " + json.dumps(info))
 if not info["llama_takes_cache_kwarg"]:
-    print(f"WARNING: transformers {info['transformers']}'s LlamaModel.forward has no `cache` keyword (it takes "
-          "past_key_values): model.py's QAdapter.hidden and QHead pass cache= and read out.cache, so decoding, "
-          "training and most tests fail with it")
+    print(f"note: transformers {info['transformers']}'s LlamaModel.forward takes past_key_values, not cache "
+          "(support/compat.run_decoder passes whichever this install has)")
 EOF
 
 # ------------------------------------------------------------------------------------------------
@@ -251,7 +250,7 @@ if pre:
     p = summary["preflight"]
     lines.append(f"preflight: torch {p['torch']}, transformers {p['transformers']}, "
                  + (f"{p['gpu']} ({p['gpu_memory_gib']} GiB)" if p["cuda"] else "no GPU")
-                 + ("" if p["llama_takes_cache_kwarg"] else "; WARNING: LlamaModel takes no cache= (model.py needs it)"))
+                 + ("" if p["llama_takes_cache_kwarg"] else "; KV cache keyword past_key_values (support/compat.py)"))
 
 # (a)
 a = {}
