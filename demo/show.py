@@ -61,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--shown", type=int, default=4, help="prompts printed with both answers side by side")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer at most")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    ap.add_argument("--alpha0", type=float, default=None,
+                    help="decode-time dial a, as in sample.py: α0 = α̃ = a (default: the run's trained values)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: a GPU if there is one)")
     args = ap.parse_args(argv)
     device, dtype, why = loading.pick_device(args.device)
@@ -71,7 +73,9 @@ def main(argv=None):
         conversations = [p.prompt for p in data.load_pairs(source)][:args.limit or None]
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    alphas = dict(alpha0=config["alpha0"], alpha_tilde=config["alpha_tilde"])
+    cli.check(args.alpha0 is None or args.alpha0 > 0, f"--alpha0 must be > 0, got {args.alpha0}")
+    alphas = dict(alpha0=config["alpha0"], alpha_tilde=config["alpha_tilde"]) if args.alpha0 is None else \
+        dict(alpha0=args.alpha0, alpha_tilde=args.alpha0)
     opts = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     frozen = generate_batched(adapter, tok, conversations, desc="frozen answers", frozen_only=True, **opts)
     custom = generate_batched(adapter, tok, conversations, desc="customised answers", **alphas, **opts)
@@ -89,8 +93,9 @@ def main(argv=None):
                        ("kl", "per-token KL(pi~ ‖ pi1)")):
         print(f"  {label:<40}{result['frozen'][key]:>10.3f}   {result['customised'][key]:>14.3f}")
     out = Path(args.run).parent if Path(args.run).name == "checkpoint" else Path(args.run)
-    run_state.write_atomic(out / "demo.json", json.dumps(result, indent=2, ensure_ascii=False))
-    print(f"wrote {out / 'demo.json'}")
+    out = out / ("demo.json" if args.alpha0 is None else f"demo-alpha{args.alpha0:g}.json")
+    run_state.write_atomic(out, json.dumps(result, indent=2, ensure_ascii=False))
+    print(f"wrote {out}")
     return result
 
 

@@ -10,4 +10,5 @@ bt_loss.py, data.py, train.py, sample.py), which call into it where it belongs:
     distributed.py   torchrun: processes, data shares, summed metrics
     data_files.py    reading .jsonl / .json / .parquet files and hub data sets into rows
     cli.py           one-line errors and exit codes
+    compat.py        the one transformers call that differs between releases (the KV cache keyword)
 """

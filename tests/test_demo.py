@@ -1,0 +1,80 @@
+"""The demo preference's scorer (demo/child.py): hand-written answers of each verdict, and the
+shipped pairs: the chosen side talks to a child, the rejected side does not."""
+import json
+from pathlib import Path
+
+import pytest
+
+from demo.child import adherence, judge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = [
+    "Imagine you have a big box of toys. When you put them away, the box is tidy again.",
+    "Alright, little buddy, the sun is a giant ball of fire that keeps us warm.",
+    "Hey there! Rain is water falling from the clouds when they get too heavy.",
+    "A mortgage is like a big promise. Grown-ups borrow money for a house, like a big loan of toys.",
+    "Pretend the Earth is a spinning top that leans a little to one side.",
+]
+PLAIN = [
+    "The Earth's seasons are caused by the tilt of its axis relative to the plane of its orbit.",
+    "A mortgage is a loan secured by real estate, repaid in monthly instalments over many years.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "To make a vinaigrette, whisk three parts olive oil with one part vinegar, salt and pepper.",
+]
+DEGENERATE = [
+    "",
+    "Yes.",
+    "Little buddy, little buddy, little buddy, little buddy, little buddy, little buddy, little buddy.",
+    "Imagine a big box. " * 6,
+    "!!! ??? ...",
+]
+
+
+@pytest.mark.parametrize("text", CHILD)
+def test_child_talk_is_child(text):
+    assert judge(text) == "child"
+
+
+@pytest.mark.parametrize("text", PLAIN)
+def test_an_ordinary_answer_is_plain(text):
+    assert judge(text) == "plain"
+
+
+@pytest.mark.parametrize("text", DEGENERATE)
+def test_empty_or_looping_answers_are_degenerate_even_in_child_talk(text):
+    assert judge(text) == "degenerate"
+
+
+def test_adherence_counts_each_verdict():
+    texts = CHILD[:2] + PLAIN[:1] + DEGENERATE[:1]
+    assert adherence(texts, [True] * 4) == {"adherence": 0.5, "degenerate": 0.25, "plain": 0.25, "n": 4}
+
+
+def test_the_shipped_demo_pairs_hold_the_preference():
+    for name in ("child_train.jsonl", "child_test.jsonl"):
+        rows = [json.loads(line) for line in (ROOT / "demo" / name).read_text().splitlines()]
+        assert len(rows) >= 40
+        for row in rows:
+            assert row["chosen"][:-1] == row["rejected"][:-1]  # one prompt, without the instruction
+            assert "five-year-old" not in row["chosen"][0]["content"]
+            assert judge(row["chosen"][-1]["content"]) == "child"
+            assert judge(row["rejected"][-1]["content"]) == "plain"
+
+
+def test_show_runs_end_to_end_and_writes_its_numbers(tiny_path, tmp_path):
+    """demo/show.py on a tiny run: both answers per held-out prompt, the scorer's numbers, demo.json."""
+    import train
+    from demo import show
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join((ROOT / "demo" / "child_test.jsonl").read_text().splitlines(keepends=True)[:3]))
+    run = tmp_path / "run"
+    train.main(["--base-model", tiny_path, "--data", str(ROOT / "demo" / "child_train.jsonl"), "--test-data", str(test),
+                "--train-limit", "8", "--batch-size", "4", "--head-width", "32", "--head-layers", "1", "--head-heads", "2",
+                "--cutoff", "96", "--samples", "0", "--out-dir", str(run), "--device", "cpu"])
+    result = show.main([str(run), "--max-new-tokens", "6", "--shown", "1", "--device", "cpu"])
+    written = json.loads((run / "demo.json").read_text())
+    assert written["prompts"] == result["prompts"] == 3 and len(written["answers"]) == 3
+    for side in ("frozen", "customised"):
+        assert set(written[side]) == {"adherence", "degenerate", "plain", "n", "kl"}
+    assert written["frozen"]["kl"] == 0.0 and written["customised"]["kl"] >= 0.0
