@@ -11,7 +11,7 @@ that the customised model answers that way *without* being asked (demo/build_chi
   "child"       it talks to a child: a child-directed opening or address anywhere in the answer
                 (imagine, pretend, little one / buddy, kiddo, sweetie, hey there, ...), or at least
                 two child-register comparisons (like a big ..., toys, a special kind of ...);
-  "degenerate"  not a real answer: empty, fewer than MIN_WORDS words, no letters, or a loop
+  "degenerate"  not a real answer: empty, fewer than 3 words, no letters, or a loop
                 (the same word 3-gram 5 times or more, or under 30% distinct words);
   "plain"       anything else: an ordinary answer.
 
@@ -23,7 +23,7 @@ by the verdict; it is taken for the same call shape as demo/concise.py.
 import re
 from collections import Counter
 
-MIN_WORDS = 3
+from demo.concise import is_degenerate  # the same rule for an empty or looping answer
 
 # talking to a child: one of these is enough
 _ADDRESS = re.compile(r"\b(imagine|pretend|little (one|buddy|friend|explorer)|buddy|kiddo|sweetie|sweetheart|"
@@ -32,16 +32,6 @@ _ADDRESS = re.compile(r"\b(imagine|pretend|little (one|buddy|friend|explorer)|bu
 _REGISTER = re.compile(r"\b(like a (big|little|giant|tiny|magic|special|super)|toys?|playground|candy|"
                        r"cookies?|lego|teddy|a special kind of|super ?hero|magic(al)?|mommy|daddy|"
                        r"grown-?ups?)\b", re.I)
-
-
-def is_degenerate(text):
-    words = re.findall(r"\w+", text.lower())
-    if len(words) < MIN_WORDS or not re.search(r"[a-zA-Z]", text):
-        return True
-    trigrams = Counter(zip(words, words[1:], words[2:]))
-    if trigrams and max(trigrams.values()) >= 5:
-        return True
-    return len(words) >= 10 and len(set(words)) / len(words) < 0.3
 
 
 def judge(text, finished=True):
