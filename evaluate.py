@@ -8,7 +8,8 @@ Every method is a *policy* over the next token, read at the states of a batch of
 
 One forward pass of a checkpoint gives its policy and pi1 together (Q-Adapter: the head reads the
 frozen hidden states; LoRA: the same model with the adapter switched off), and for Q-Adapter every
-decode-time α0 of `--alpha0` at once. From them:
+decode-time α0 of `--alpha0` at once. From them (the benchmarks excepted: lm-eval runs each policy,
+every α0 included, on its own):
 
 Learned the preference?
   pairwise accuracy on held-out pairs, with each method's own implicit reward: Q-Adapter the
@@ -18,12 +19,13 @@ Learned the preference?
     demo/child.py (the demo's; share "child") or demo/concise.py (--scorer concise), and the
     share of degenerate answers.
 Forgot what it knew?
-  multiple-choice benchmarks scored by log-likelihood under the policy (never the head alone), in
-    lm-evaluation-harness's format: context "Question: {question}\\nAnswer:", continuation
-    " {choice}", no chat template. acc: argmax of Σ log p(continuation); acc_norm: argmax of that
-    sum divided by the continuation's length in UTF-8 bytes. ARC-Easy (id, question,
-    choices{text,label}, answerKey) and MMLU (question, subject, choices[4], answer index), from local
-    JSON lines or the hub (allenai/ai2_arc ARC-Easy, cais/mmlu all; validation split).
+  benchmarks through lm-evaluation-harness (`--tasks`, support/lm_eval_model.py): each policy is an
+    lm-eval model whose log-likelihoods are its own (log pi~ for Q-Adapter, never the head alone),
+    so every lm-eval task runs under it. Ours, in tasks/, read local JSON lines with lm-eval's own
+    prompts: arc_easy_local (ARC-Easy validation, "Question: {question}\\nAnswer:" + " {choice}",
+    acc and acc_norm: the sum of log p(continuation), and that divided by its length in characters),
+    mmlu_local (MMLU validation, lettered choices, acc) and mmlu_continuation_local (its answers as
+    text, acc and acc_norm). lm-eval's own tasks (arc_easy, mmlu, ...) load from the hub.
   KL(pi ‖ pi1) per token, teacher-forced on the chosen responses of `--kl-data` (default the demo's
     held-out prompts: general questions, answered in the frozen model's own words), averaged over
     tokens.
@@ -35,9 +37,11 @@ A head trained at α0 = α̃ = 1 is the trained policy at a = 1; other values ar
     python evaluate.py --checkpoint runs/demo --checkpoint runs/demo-dpo --checkpoint runs/demo-sft \\
         --alpha0 0.5 1 2 4 --adherence --limit 50 --out results/demo --plot
 
+    python evaluate.py --checkpoint runs/demo --tasks arc_easy_local,mmlu_continuation_local --mc-limit 100
+
 Writes OUT.json (every number), OUT.md (the table, to paste) and with --plot OUT.png (preference
 against retention). --limit N takes the first N held-out pairs, KL sequences and prompts, and N
-evenly spaced benchmark questions (MMLU is sorted by subject).
+evenly spaced questions of each benchmark task (MMLU is sorted by subject).
 """
 import argparse
 import importlib
@@ -78,6 +82,11 @@ class FrozenPolicy:
         self.base, self.names, self.kind = base, [], "frozen"
         self.name = name
 
+    def lm_policies(self):
+        """{policy name: what support/lm_eval_model.PolicyLM scores}, "frozen" included."""
+        from support.lm_eval_model import CausalLMPolicy
+        return {"frozen": CausalLMPolicy(self.base)}
+
     def window_logp1(self, ids, mask, states):
         hidden = self.base.get_decoder()(input_ids=ids, attention_mask=mask,
                                          position_ids=M.positions(mask)).last_hidden_state  # (B, T, D)
@@ -110,6 +119,11 @@ class QAdapterPolicy(FrozenPolicy):
         self.base = adapter.base
         self.alphas = alphas
         self.names = [self.policy_name(a0, at) for a0, at in alphas]
+
+    def lm_policies(self):
+        from support.lm_eval_model import CausalLMPolicy, CustomisedPolicy
+        return {"frozen": CausalLMPolicy(self.base),
+                **{name: CustomisedPolicy(self.adapter, a0, at) for (a0, at), name in zip(self.alphas, self.names)}}
 
     def policy_name(self, alpha0, alpha_tilde):
         trained = (alpha0, alpha_tilde) == (self.config["alpha0"], self.config["alpha_tilde"])
@@ -144,6 +158,11 @@ class LoraPolicy(FrozenPolicy):
         self.peft_model, self.config, self.kind, self.name = peft_model, config, config["method"], name
         self.base = peft_model.get_base_model()
         self.names = [name]
+
+    def lm_policies(self):
+        from support.lm_eval_model import CausalLMPolicy
+        return {"frozen": CausalLMPolicy(self.base, adapter_off=self.peft_model.disable_adapter),
+                self.name: CausalLMPolicy(self.base)}  # the base with its LoRA layers: pi
 
     def _score(self, ids, mask, states, labels, with_frozen=True):
         logp = self.window_logp1(ids, mask, states)  # (B, W, V) with the adapter: pi
@@ -203,7 +222,7 @@ def load_policy(path, alphas, device, dtype, trust_remote_code=False):
 
 
 # ------------------------------------------------------------------------------------------------
-# data: held-out pairs, sequences for the KL, benchmark items
+# data: held-out pairs, sequences for the KL
 
 
 def pad_rows(rows, pad_id):
@@ -233,65 +252,10 @@ def held_out_pairs(source, config, limit):
         raise SystemExit(f"error: {e}")
 
 
-def read_benchmark(name, source):
-    """[(context, [continuations], index of the right one)] of "arc_easy" or "mmlu", from a local
-    .jsonl file in the Hugging Face layout or a hub name (allenai/ai2_arc, cais/mmlu)."""
-    path = Path(source)
-    if path.suffix == ".jsonl":
-        if not path.is_file():
-            raise SystemExit(f"error: --{name.replace('_', '-')} {source}: no such file")
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path.name}:{n}", json.loads(line)))
-                except ValueError as e:
-                    raise SystemExit(f"error: {path.name}:{n}: invalid JSON ({e})")
-    else:  # a hub data set: needs the network, not exercised by the tests
-        import datasets
-        hub_name, subset = HUB[name] if source in (HUB[name][0], "hub") else (source, None)
-        try:
-            rows = [(f"{hub_name}:row {i}", r) for i, r in
-                    enumerate(datasets.load_dataset(hub_name, subset, split="validation"))]
-        except Exception as e:  # the library raises many kinds; one line is enough
-            raise SystemExit(f"error: --{name.replace('_', '-')} {source}: cannot load ({str(e).splitlines()[0]})")
-    items = []
-    for where, r in rows:
-        try:
-            if name == "arc_easy":
-                labels, texts = r["choices"]["label"], r["choices"]["text"]
-                items.append((f"Question: {r['question']}\nAnswer:", [f" {t}" for t in texts],
-                              labels.index(r["answerKey"])))
-            else:
-                answer = int(r["answer"])
-                if not 0 <= answer < len(r["choices"]):
-                    raise ValueError(f"answer {answer} out of range")
-                items.append((f"Question: {r['question']}\nAnswer:", [f" {t}" for t in r["choices"]], answer))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SystemExit(f"error: {where}: not a {name} item ({type(e).__name__}: {e})")
-    if not items:
-        raise SystemExit(f"error: {source}: no {name} items")
-    return items
-
-
 def evenly_spaced(items, limit):
     if not limit or limit >= len(items):
         return items
     return [items[i * len(items) // limit] for i in range(limit)]
-
-
-def choice_rows(tokenizer, items, cutoff):
-    """One (ids, labels) row per (question, choice): the context unscored, the continuation scored;
-    the context keeps its end when the row is longer than cutoff."""
-    rows, owners = [], []
-    for q, (context, choices, _) in enumerate(items):
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        for choice in choices:
-            cont = tokenizer(choice, add_special_tokens=False)["input_ids"][:cutoff - 1]
-            ctx_kept = ctx[max(len(ctx) - (cutoff - len(cont)), 0):]
-            rows.append((ctx_kept + cont, [IGNORE] * len(ctx_kept) + cont))
-            owners.append(q)
-    return rows, owners
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,6 +308,152 @@ def kl_to_frozen(policy, tokenizer, pairs, cutoff, batch_size):
     return {name: {"kl": o["kl"] / max(o["tokens"], 1), "kl_tokens": o["tokens"]} for name, o in out.items()}
 
 
+def time_per_pair(run_dir):
+    """Seconds of training steps per preference pair, from a run's metrics.jsonl (pairs_per_s of
+    each step; evaluation and checkpointing not counted). None when the run has no such file."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl" if run_dir.name != "checkpoint" else run_dir.parent / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rates = [json.loads(line).get("pairs_per_s") for line in path.read_text().splitlines() if line.strip()]
+    rates = [r for r in rates if r]
+    return sum(1 / r for r in rates) / len(rates) if rates else None
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks: lm-evaluation-harness tasks under each policy (support/lm_eval_model.py)
+
+
+def task_names(args):
+    """--tasks, plus what the older flags --arc-easy / --mmlu ask for: a .jsonl file is our local
+    task on that file, another value lm-eval's own task (from the hub). Returns (names, {name: file})."""
+    names, files = [t.strip() for t in (args.tasks or "").split(",") if t.strip()], {}
+    for flag, local, hub in (("arc_easy", "arc_easy_local", "arc_easy"), ("mmlu", "mmlu_local", "mmlu")):
+        value = getattr(args, flag)
+        if value and value.endswith(".jsonl"):
+            if not Path(value).is_file():
+                raise SystemExit(f"error: --{flag.replace('_', '-')} {value}: no such file")
+            names, files[local] = names + [local], value
+        elif value:
+            names.append(hub)
+    return list(dict.fromkeys(names)), files
+
+
+class Benchmarks:
+    """The run's lm-eval tasks, loaded once (names checked, data read, questions picked), then
+    scored under each policy by lm_eval.simple_evaluate with a PolicyLM around it."""
+
+    def __init__(self, names, files, data_dir, limit, num_fewshot, max_length):
+        from support import lm_eval_model
+        self.names, self.num_fewshot, self.max_length = names, num_fewshot, max_length
+        self.specs = lm_eval_model.task_specs(names, data_dir, files)
+        self.manager = lm_eval_model.task_manager(names)
+        try:
+            tasks = self.manager.load(self.specs)["tasks"]
+        except Exception as e:  # an unknown name (KeyError), or the hub out of reach: many kinds, one line
+            raise SystemExit(f"error: --tasks {','.join(names)}: cannot load ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})")
+        # N evenly spaced questions of each task (lm-eval's own --limit would take the first N)
+        self.samples = {name: evenly_spaced(list(range(len(task.eval_docs))), limit)
+                        for name, task in tasks.items()} if limit else None
+
+    def score(self, policy, tokenizer, names, batch_size):
+        """{policy name: {task/acc, task/acc_stderr, task/acc_norm, task/acc_norm_stderr, task/n}} for
+        the policies of `policy` (and pi1) that are in names."""
+        import lm_eval
+        from support.lm_eval_model import PolicyLM
+        result = {}
+        for name, lm_policy in policy.lm_policies().items():
+            if name in names:
+                lm = PolicyLM(lm_policy, tokenizer, batch_size, max_length=self.max_length)
+                out = lm_eval.simple_evaluate(model=lm, tasks=self.specs, task_manager=self.manager,
+                                              samples=self.samples, num_fewshot=self.num_fewshot,
+                                              log_samples=False, bootstrap_iters=1000)
+                result[name] = task_metrics(out, self.names)
+        return result
+
+
+def task_metrics(out, names):
+    """Our row entries from simple_evaluate's output: each asked task's (or group's) acc and acc_norm,
+    with their standard errors, and the number of questions."""
+
+    def questions(name):  # a group (lm-eval's mmlu) counts the questions of its tasks
+        if name in out.get("n-samples", {}):
+            return out["n-samples"][name]["effective"]
+        return sum(questions(child) for child in out.get("group_subtasks", {}).get(name, []))
+
+    row = {}
+    for name in names:
+        measured = out["results"].get(name, {})
+        for metric in ("acc", "acc_norm"):
+            for key, value in ((metric, measured.get(f"{metric},none")),
+                               (f"{metric}_stderr", measured.get(f"{metric}_stderr,none"))):
+                if isinstance(value, (int, float)):
+                    row[f"{name}/{key}"] = float(value)
+        row[f"{name}/n"] = questions(name)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# the hand-written multiple-choice scoring that --tasks replaced; compose.py still uses it
+# (lm-eval's arc_easy format, acc_norm by UTF-8 bytes where lm-eval divides by characters)
+
+
+def read_benchmark(name, source):
+    """[(context, [continuations], index of the right one)] of "arc_easy" or "mmlu", from a local
+    .jsonl file in the Hugging Face layout or a hub name (allenai/ai2_arc, cais/mmlu)."""
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise SystemExit(f"error: --{name.replace('_', '-')} {source}: no such file")
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path.name}:{n}", json.loads(line)))
+                except ValueError as e:
+                    raise SystemExit(f"error: {path.name}:{n}: invalid JSON ({e})")
+    else:  # a hub data set: needs the network, not exercised by the tests
+        import datasets
+        hub_name, subset = HUB[name] if source in (HUB[name][0], "hub") else (source, None)
+        try:
+            rows = [(f"{hub_name}:row {i}", r) for i, r in
+                    enumerate(datasets.load_dataset(hub_name, subset, split="validation"))]
+        except Exception as e:  # the library raises many kinds; one line is enough
+            raise SystemExit(f"error: --{name.replace('_', '-')} {source}: cannot load ({str(e).splitlines()[0]})")
+    items = []
+    for where, r in rows:
+        try:
+            if name == "arc_easy":
+                labels, texts = r["choices"]["label"], r["choices"]["text"]
+                items.append((f"Question: {r['question']}\nAnswer:", [f" {t}" for t in texts],
+                              labels.index(r["answerKey"])))
+            else:
+                answer = int(r["answer"])
+                if not 0 <= answer < len(r["choices"]):
+                    raise ValueError(f"answer {answer} out of range")
+                items.append((f"Question: {r['question']}\nAnswer:", [f" {t}" for t in r["choices"]], answer))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"error: {where}: not a {name} item ({type(e).__name__}: {e})")
+    if not items:
+        raise SystemExit(f"error: {source}: no {name} items")
+    return items
+
+
+def choice_rows(tokenizer, items, cutoff):
+    """One (ids, labels) row per (question, choice): the context unscored, the continuation scored;
+    the context keeps its end when the row is longer than cutoff."""
+    rows, owners = [], []
+    for q, (context, choices, _) in enumerate(items):
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        for choice in choices:
+            cont = tokenizer(choice, add_special_tokens=False)["input_ids"][:cutoff - 1]
+            ctx_kept = ctx[max(len(ctx) - (cutoff - len(cont)), 0):]
+            rows.append((ctx_kept + cont, [IGNORE] * len(ctx_kept) + cont))
+            owners.append(q)
+    return rows, owners
+
+
 def multiple_choice(policy, tokenizer, items, cutoff, batch_size, bench, with_frozen=True):
     """acc and acc_norm (by continuation bytes) of each policy (and of pi1 unless with_frozen=False)."""
     rows, _ = choice_rows(tokenizer, items, cutoff)
@@ -362,34 +472,32 @@ def multiple_choice(policy, tokenizer, items, cutoff, batch_size, bench, with_fr
     return result
 
 
-def time_per_pair(run_dir):
-    """Seconds of training steps per preference pair, from a run's metrics.jsonl (pairs_per_s of
-    each step; evaluation and checkpointing not counted). None when the run has no such file."""
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl" if run_dir.name != "checkpoint" else run_dir.parent / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rates = [json.loads(line).get("pairs_per_s") for line in path.read_text().splitlines() if line.strip()]
-    rates = [r for r in rates if r]
-    return sum(1 / r for r in rates) / len(rates) if rates else None
-
-
 # ------------------------------------------------------------------------------------------------
 # output: JSON, Markdown, picture
 
-COLUMNS = [("pairwise_accuracy", "pairwise acc", "{:.3f}"), ("margin", "margin", "{:.2f}"),
-           ("likelihood_accuracy", "π(y_w)>π(y_l)", "{:.3f}"),
-           ("adherence", "adherence", "{:.3f}"), ("degenerate", "degenerate", "{:.3f}"),
-           ("arc_easy/acc", "ARC-E acc", "{:.3f}"), ("arc_easy/acc_norm", "ARC-E acc_norm", "{:.3f}"),
-           ("mmlu/acc", "MMLU acc", "{:.3f}"), ("mmlu/acc_norm", "MMLU acc_norm", "{:.3f}"),
-           ("kl", "KL(pi‖pi1)/token", "{:.4f}"), ("s_per_pair", "train s/pair", "{:.2f}")]
+BEFORE = [("pairwise_accuracy", "pairwise acc", "{:.3f}"), ("margin", "margin", "{:.2f}"),
+          ("likelihood_accuracy", "π(y_w)>π(y_l)", "{:.3f}"),
+          ("adherence", "adherence", "{:.3f}"), ("degenerate", "degenerate", "{:.3f}")]
+AFTER = [("kl", "KL(pi‖pi1)/token", "{:.4f}"), ("s_per_pair", "train s/pair", "{:.2f}")]
+
+
+def task_columns(results):
+    """The benchmark keys of the results, in the order they first appear: TASK/acc, TASK/acc_norm."""
+    keys = [k for r in results.values() for k in r if k.split("/")[-1] in ("acc", "acc_norm") and "/" in k]
+    return list(dict.fromkeys(keys))
 
 
 def markdown_table(results):
-    cols = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
+    """One row per policy; a benchmark cell is "acc ± its standard error" where lm-eval gave one."""
+    cols = [c for c in BEFORE if any(c[0] in r for r in results.values())]
+    cols += [(k, k.replace("/", " "), "{:.3f}") for k in task_columns(results)]
+    cols += [c for c in AFTER if any(c[0] in r for r in results.values())]
     lines = ["| policy | " + " | ".join(c[1] for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, r in results.items():
-        cells = [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "" for c in cols]
+        cells = []
+        for key, _, fmt in cols:
+            value, stderr = r.get(key), r.get(f"{key}_stderr")
+            cells.append("" if value is None else fmt.format(value) + (f" ± {stderr:.3f}" if stderr is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -404,7 +512,9 @@ def plot_tradeoff(results, path, preference_key):
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib==3.11.2): no picture, the table has the numbers")
         return None
-    retention = [k for k in ("arc_easy/acc_norm", "mmlu/acc_norm", "kl") if any(k in r for r in results.values())]
+    tasks = task_columns(results)  # each benchmark's acc_norm, or its acc where it has no acc_norm
+    retention = [k for k in tasks if k.endswith("/acc_norm") or k[:-len("acc")] + "acc_norm" not in tasks]
+    retention += ["kl"] if any("kl" in r for r in results.values()) else []
     if not retention:
         print("no retention measurement to plot against")
         return None
@@ -462,10 +572,21 @@ def build_parser():
     ap.add_argument("--kl-data", default=str(HERE / "demo" / "child_test.jsonl"),
                     help="pairs whose chosen responses are scored teacher-forced for the KL (default: the demo's "
                          "held-out prompts, general questions)")
-    ap.add_argument("--arc-easy", default=HUB["arc_easy"][0],
-                    help="ARC-Easy: a .jsonl in the HF layout, or allenai/ai2_arc (hub, the default); '' skips it")
-    ap.add_argument("--mmlu", default=HUB["mmlu"][0],
-                    help="MMLU: a .jsonl in the HF layout, or cais/mmlu (hub, the default); '' skips it")
+    ap.add_argument("--tasks", default="",
+                    help="lm-evaluation-harness tasks scored under every policy, comma-separated. Offline, ours "
+                         "(tasks/*.yaml, read from --retention-data): arc_easy_local, mmlu_local (lm-eval's mmlu "
+                         "prompt, lettered choices), mmlu_continuation_local (answers as text). With internet, "
+                         "lm-eval's own names load from the hub: arc_easy, mmlu, hellaswag, ... (default: none)")
+    ap.add_argument("--retention-data", default=None,
+                    help="folder of the local tasks' JSON lines (default: $QADAPTER_RETENTION_DATA, else "
+                         "../shared/data/retention beside the repository)")
+    ap.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per question (default: the task's, 0)")
+    ap.add_argument("--arc-easy", default=None,
+                    help="older spelling: a .jsonl file adds arc_easy_local on that file, a hub name (allenai/ai2_arc) "
+                         "lm-eval's arc_easy")
+    ap.add_argument("--mmlu", default=None,
+                    help="older spelling: a .jsonl file adds mmlu_local on that file, a hub name (cais/mmlu) "
+                         "lm-eval's mmlu")
     ap.add_argument("--adherence", action="store_true",
                     help="generate greedy answers to --prompts and score them with the --scorer of demo/")
     ap.add_argument("--scorer", default="child", choices=["child", "concise"],
@@ -473,13 +594,15 @@ def build_parser():
     ap.add_argument("--prompts", default=str(HERE / "demo" / "child_test.jsonl"),
                     help="prompts for --adherence: a preference .jsonl (its prompts)")
     ap.add_argument("--limit", type=int, default=0,
-                    help="at most N pairs, KL sequences and prompts, N benchmark questions (0: all)")
-    ap.add_argument("--mc-limit", type=int, default=None, help="benchmark questions per benchmark (default --limit)")
+                    help="at most N pairs, KL sequences and prompts, N questions per benchmark task (0: all)")
+    ap.add_argument("--mc-limit", type=int, default=None,
+                    help="questions per benchmark task, evenly spaced (default --limit)")
     ap.add_argument("--gen-limit", type=int, default=None, help="prompts for --adherence (default --limit)")
     ap.add_argument("--cutoff", type=int, default=None,
                     help="tokens per pair and KL sequence (default: the checkpoint's cutoff)")
-    ap.add_argument("--mc-cutoff", type=int, default=512,
-                    help="tokens per benchmark question + choice (a longer question keeps its end)")
+    ap.add_argument("--mc-cutoff", type=int, default=None,
+                    help="tokens per benchmark forward pass, a longer question keeps its end (default: the model's "
+                         "context length, as lm-eval's HFLM)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generated answer at most")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     ap.add_argument("--out", default="results/eval", help="writes OUT.json and OUT.md (and OUT.png with --plot)")
@@ -497,7 +620,7 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if not args.checkpoint and not args.replot:
         raise SystemExit("error: give at least one --checkpoint DIR (a train.py or baselines.py output)")
-    for flag in ("limit", "mc_limit", "gen_limit", "max_new_tokens", "batch_size", "cutoff", "mc_cutoff"):
+    for flag in ("limit", "mc_limit", "gen_limit", "max_new_tokens", "batch_size", "cutoff", "mc_cutoff", "num_fewshot"):
         value = getattr(args, flag)
         if value is not None and (value < 0 or (value == 0 and flag in ("batch_size", "cutoff", "mc_cutoff",
                                                                          "max_new_tokens"))):
@@ -506,6 +629,7 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --alpha0 values must be positive, got {args.alpha0}")
     args.mc_limit = args.limit if args.mc_limit is None else args.mc_limit
     args.gen_limit = args.limit if args.gen_limit is None else args.gen_limit
+    args.task_names, args.task_files = task_names(args)
     return args
 
 
@@ -542,8 +666,8 @@ def main(argv=None):
     t_start = time.time()
     device, dtype, why = loading.pick_device(args.device, args.dtype)
     print(why)
-    benchmarks = {name: evenly_spaced(read_benchmark(name, source), args.mc_limit)
-                  for name, source in (("arc_easy", args.arc_easy), ("mmlu", args.mmlu)) if source}
+    benchmarks = Benchmarks(args.task_names, args.task_files, args.retention_data, args.mc_limit, args.num_fewshot,
+                            args.mc_cutoff) if args.task_names else None
     kl_pairs = held_out_pairs(args.kl_data, {}, args.limit) if args.kl_data else []
     prompts = [p.prompt for p in held_out_pairs(args.prompts, {}, args.gen_limit)] if args.adherence else []
 
@@ -572,8 +696,8 @@ def main(argv=None):
         merge(pairwise(policy, tok, pairs, cutoff, args.batch_size))
         if kl_pairs:
             merge(kl_to_frozen(policy, tok, kl_pairs, cutoff, args.batch_size))
-        for bench, items in benchmarks.items():
-            merge(multiple_choice(policy, tok, items, args.mc_cutoff, args.batch_size, bench, with_frozen=not frozen_done))
+        if benchmarks:
+            merge(benchmarks.score(policy, tok, set(names), args.batch_size))
         if prompts:
             adherence = importlib.import_module(f"demo.{args.scorer}").adherence
             answers = policy.generate(tok, prompts, args.max_new_tokens, args.batch_size)

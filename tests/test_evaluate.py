@@ -149,12 +149,7 @@ def test_lora_policy_at_init_is_the_frozen_model(tokenizer, tiny_path, files):
 
 
 def test_end_to_end_over_both_kinds_of_checkpoint(tokenizer, tiny_path, files, tmp_path):
-    # a Q-Adapter checkpoint with a nonzero head, saved as train.py saves it
-    adapter, _ = q_adapter(tokenizer, zero=False)
-    qa_dir = tmp_path / "qa" / "checkpoint"
-    qa_dir.mkdir(parents=True)
-    loading.save_adapter(qa_dir, adapter.head, {"base_model": tiny_path, "alpha0": 1.0, "alpha_tilde": 1.0, "gamma": 1.0,
-                                          "cutoff": 64, "data": files["train"], "test_data": files["pairs"]})
+    tiny_q_adapter_run(tokenizer, tiny_path, files, tmp_path / "qa")
     write_jsonl(tmp_path / "qa" / "metrics.jsonl", [{"step": 1, "pairs_per_s": 4.0}, {"step": 2, "pairs_per_s": 2.0}])
     baselines.main(["--method", "sft", "--base-model", tiny_path, "--data", files["train"], "--test-data",
                     files["pairs"], "--out-dir", str(tmp_path / "sft"), "--cutoff", "64", "--samples", "0",
@@ -169,18 +164,53 @@ def test_end_to_end_over_both_kinds_of_checkpoint(tokenizer, tiny_path, files, t
     assert results["qa α0=1"]["kl"] > results["qa α0=4"]["kl"] > 0  # a larger α0 keeps closer to pi1
     assert results["qa α0=1"]["s_per_pair"] == pytest.approx((1 / 4 + 1 / 2) / 2)
     for name, r in results.items():
-        for key in ("pairwise_accuracy", "margin", "likelihood_accuracy", "arc_easy/acc", "arc_easy/acc_norm", "mmlu/acc",
-                    "mmlu/acc_norm", "kl", "adherence", "degenerate"):
+        for key in ("pairwise_accuracy", "margin", "likelihood_accuracy", "arc_easy_local/acc", "arc_easy_local/acc_norm",
+                    "arc_easy_local/acc_stderr", "mmlu_local/acc", "kl", "adherence", "degenerate"):
             assert key in r, (name, key)
-        assert r["pairs"] == 3 and r["arc_easy/n"] == 2 and r["mmlu/n"] == 1 and len(r["answers"]) == 3
+        assert r["pairs"] == 3 and r["arc_easy_local/n"] == 2 and r["mmlu_local/n"] == 1 and len(r["answers"]) == 3
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["results"]["sft"]["kind"] == "sft" and saved["settings"]["limit"] == 3
     table = out.with_suffix(".md").read_text()
     assert table.splitlines()[0].startswith("| policy | pairwise acc") and "| qa α0=4 |" in table
+    assert "| arc_easy_local acc | arc_easy_local acc_norm | mmlu_local acc |" in table and " ± " in table
     assert out.with_suffix(".png").stat().st_size > 1000
     out.with_suffix(".png").unlink()
     E.main(["--replot", "--out", str(out)])  # the picture again, from the JSON alone
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def tiny_q_adapter_run(tokenizer, tiny_path, files, run_dir):
+    """A Q-Adapter checkpoint with a nonzero head, saved as train.py saves it."""
+    adapter, _ = q_adapter(tokenizer, zero=False)
+    (run_dir / "checkpoint").mkdir(parents=True)
+    loading.save_adapter(run_dir / "checkpoint", adapter.head, {"base_model": tiny_path, "alpha0": 1.0, "alpha_tilde": 1.0,
+                                                               "gamma": 1.0, "cutoff": 64, "data": files["train"],
+                                                               "test_data": files["pairs"]})
+    return str(run_dir)
+
+
+def test_task_names_from_the_flags(files):
+    args = E.parse_args(["--checkpoint", "x", "--tasks", "arc_easy_local, mmlu", "--arc-easy", files["arc"],
+                         "--mmlu", "cais/mmlu"])
+    assert args.task_names == ["arc_easy_local", "mmlu"] and args.task_files == {"arc_easy_local": files["arc"]}
+    assert E.parse_args(["--checkpoint", "x", "--mmlu", ""]).task_names == []
+    with pytest.raises(SystemExit, match="error: --mmlu nowhere.jsonl: no such file"):
+        E.parse_args(["--checkpoint", "x", "--mmlu", "nowhere.jsonl"])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "retention" / "arc_easy_validation.jsonl").is_file(),
+                    reason="../shared/data/retention/arc_easy_validation.jsonl (the local ARC-Easy) is not on this machine")
+def test_tasks_end_to_end_on_the_local_arc_easy(tokenizer, tiny_path, files, tmp_path, monkeypatch):
+    """evaluate.py --tasks arc_easy_local --limit 5: lm-eval scores 5 evenly spaced questions of the
+    570 under the frozen model and pi~."""
+    monkeypatch.delenv("QADAPTER_RETENTION_DATA", raising=False)
+    run = tiny_q_adapter_run(tokenizer, tiny_path, files, tmp_path / "qa")
+    results = E.main(["--checkpoint", run, "--tasks", "arc_easy_local", "--limit", "5", "--kl-data", "",
+                      "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert list(results) == ["frozen", "qa"]
+    for r in results.values():
+        assert r["arc_easy_local/n"] == 5 and 0 <= r["arc_easy_local/acc"] <= 1 and "arc_easy_local/acc_norm_stderr" in r
+    assert "arc_easy_local acc" in (tmp_path / "eval.md").read_text()
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
