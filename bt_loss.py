@@ -8,6 +8,11 @@ per-token rewards small; it averages over every scored token of both responses; 
 
 A batch holds 2B sequences, the B chosen first and then the B rejected in the same order (data.py).
 Metrics carry the names TRL users know: rewards/* are the returns R.
+
+`chosen_nll` is an optional extra term, not in the paper: −mean_t log pi~(a_t|s_t) over the chosen
+responses' tokens, which asks the customised policy to *write* the chosen answers as well as to rank
+them. DPO with this term added is RPO (Pang et al. 2024, "Iterative Reasoning Preference
+Optimization"); train.py's --nll weighs it (0 turns it off, the paper's loss).
 """
 import torch.nn.functional as F
 
@@ -33,3 +38,11 @@ def bt_loss(r2, labels, beta):
         "rewards/accuracies": (margins > 0).float().mean().detach(),
     }
     return loss, metrics
+
+
+def chosen_nll(logp_sa, labels):
+    """logp_sa: (2B, T-1) log pi~(a_t|s_t) (residual_q.action_logprob); labels: (2B, T).
+    −(Σ log pi~ over the chosen responses' tokens) / (number of those tokens), the first B rows."""
+    _, mask = next_tokens(labels)  # (2B, T-1)
+    chosen_logp, chosen_mask = logp_sa.chunk(2)[0], mask.chunk(2)[0]  # (B, T-1)
+    return -(chosen_logp * chosen_mask).sum() / chosen_mask.sum().clamp(min=1)

@@ -12,6 +12,7 @@ token, s_{t+1} = s_t ⊕ a_t. The head gives Q_R(s, ·) and the frozen model giv
   derived_reward     r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}),  V = 0 after the last response token
   response_return    R(x, y) = Σ_t r2(s_t, a_t) over the response tokens only
   response_logprob   log p(y|x) = Σ_t log p(a_t|s_t) over the response tokens (for the identity below)
+  action_logprob     log pi~(a_t|s_t) = (Q_R(s_t,a_t) + α0·log pi1(a_t|s_t) − V(s_t)) / α̃, from the same scores
   kl_to_frozen       KL(pi~ ‖ pi1) at every state
 
 With γ = 1 the sum telescopes (the identity tests/test_residual_q.py checks):
@@ -96,6 +97,15 @@ def response_return(r2, labels):
 def response_logprob(logits, labels):
     """log p(y | x) = Σ_t log softmax(logits)(a_t | s_t) over the response: (B, T, V) -> (B,)."""
     return gather_actions(torch.log_softmax(logits, dim=-1), labels).sum(-1)
+
+
+def action_logprob(q_sa, logp1_sa, v, labels, alpha0, alpha_tilde):
+    """log pi~(a_t | s_t) of every response action, (B, T-1), zero where not scored.
+
+    pi~ = softmax(z) with z = (Q_R + α0·log pi1)/α̃ and V = α̃·logsumexp z, so log pi~(a|s) = z(s,a) − V(s)/α̃:
+    it needs only Q_R(s_t,a_t) and log pi1(a_t|s_t) (gather_actions) and V(s_t) (soft_value, (B, T))."""
+    _, mask = next_tokens(labels)  # (B, T-1)
+    return (q_sa + alpha0 * logp1_sa - v[:, :-1]) / alpha_tilde * mask
 
 
 def kl_to_frozen(q_r, logp1, alpha0, alpha_tilde):

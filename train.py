@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 import data
 import model as M
-from bt_loss import bt_loss
-from residual_q import derived_reward, gather_actions, kl_to_frozen, next_tokens, soft_value
+from bt_loss import bt_loss, chosen_nll
+from residual_q import action_logprob, derived_reward, gather_actions, kl_to_frozen, next_tokens, soft_value
 from sample import generate
 from support import cli, distributed, fused_path, loading, run_state
 from support.frozen_cache import FrozenCache
@@ -95,6 +95,10 @@ def build_parser(description=__doc__):
     a.add_argument("--gamma", type=float, default=1.0, help="γ, discount in r2 = Q_R − γ·V(s')")
     a.add_argument("--beta", type=float, default=0.01,
                    help="β, weight of the mean r2² regulariser (0: off; the official code uses 0.1)")
+    a.add_argument("--nll", type=float, default=0.0,
+                   help="weight λ of an extra term, λ·(−mean log pi~(a_t|s_t)) over the chosen answers' tokens, so "
+                        "that pi~ learns to write them, not only to rank them (0: the paper's loss; DPO with "
+                        "this term is RPO, Pang et al. 2024)")
     a.add_argument("--path", default="fused", choices=["fused", "plain"],
                    help="how Q_R and log pi1 reach the loss: plain builds them over the whole vocabulary and "
                         "applies residual_q.py as written (the reference); fused gets the same numbers without "
@@ -156,6 +160,7 @@ def parse_args(argv=None, parser=None):
     cli.check(args.alpha0 >= 0, f"--alpha0 must be >= 0 (a weight on log pi1), got {args.alpha0}")
     cli.check(0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}")
     cli.check(args.beta >= 0, f"--beta must be >= 0, got {args.beta}")
+    cli.check(args.nll >= 0, f"--nll must be >= 0, got {args.nll}")
     cli.check(args.cutoff >= 2, f"--cutoff must leave room for a prompt token and a response token (>= 2), got {args.cutoff}")
     cli.check(args.max_prompt is None or args.max_prompt >= 1, f"--max-prompt must be >= 1, got {args.max_prompt}")
     cli.check(0 < args.test_fraction < 1, f"--test-fraction must be in (0, 1), got {args.test_fraction}")
@@ -209,10 +214,17 @@ def scores(adapter, batch, keys, cache, args, with_kl=False):
 
 
 def batch_loss(adapter, batch, keys, cache, args):
-    """The Bradley–Terry loss of one batch; keys name its pairs for the frozen-output cache."""
+    """The Bradley–Terry loss of one batch (plus --nll times the chosen answers' NLL under pi~); keys
+    name its pairs for the frozen-output cache."""
     s = scores(adapter, batch, keys, cache, args)
     r2 = derived_reward(s.q_sa, s.v, s.labels, args.gamma)  # (2B, T-1) r2(s_t, a_t) = Q_R − γ·V(s_{t+1})
-    return bt_loss(r2, s.labels, args.beta)  # −log σ(R(y_w) − R(y_l)) + β·mean r2²
+    loss, metrics = bt_loss(r2, s.labels, args.beta)  # −log σ(R(y_w) − R(y_l)) + β·mean r2²
+    if args.nll > 0:
+        logp = action_logprob(s.q_sa, s.logp1_sa, s.v, s.labels, args.alpha0, args.alpha_tilde)  # (2B, T-1)
+        nll = chosen_nll(logp, s.labels)  # −mean_t log pi~(a_t|s_t) over the chosen answers
+        loss = loss + args.nll * nll
+        metrics.update({"loss": loss.detach(), "loss/nll": nll.detach()})
+    return loss, metrics
 
 
 @torch.no_grad()

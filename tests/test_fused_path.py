@@ -205,7 +205,8 @@ def chain_adapter(tokenizer, stacked, dtype=torch.float32):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("stacked", [False, True])
-@pytest.mark.parametrize("flags", [[], ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05"]])
+@pytest.mark.parametrize("flags", [[], ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05"],
+                                   ["--alpha0", "0.1", "--alpha-tilde", "0.1", "--nll", "0.5"]])
 def test_fused_loss_and_gradient_equal_the_plain_path(tokenizer, seed, stacked, flags):
     adapter = chain_adapter(tokenizer, stacked)
     batch, examples = random_pairs(tokenizer, seed)

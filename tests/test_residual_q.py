@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import residual_q as rq
-from bt_loss import bt_loss
+from bt_loss import bt_loss, chosen_nll
 
 IGNORE = rq.IGNORE
 
@@ -94,6 +94,26 @@ def test_zero_head_with_alpha0_equal_alpha_tilde_is_the_frozen_policy():
 def test_kl_is_positive_for_a_nonzero_head():
     q_r, logp1, _ = random_batch()
     assert (rq.kl_to_frozen(q_r, logp1, 1.0, 1.0) > 0).all()
+
+
+@pytest.mark.parametrize("alpha0,alpha_tilde", [(1.0, 1.0), (0.1, 0.1), (0.5, 2.0)])
+def test_action_logprob_is_the_customised_policy_at_the_actions(alpha0, alpha_tilde):
+    """(Q_R(s,a) + α0·log pi1(a|s) − V(s)) / α̃ is log_softmax of the customised logits, gathered."""
+    q_r, logp1, labels = random_batch(seed=4)
+    v = rq.soft_value(q_r, logp1, alpha0, alpha_tilde)
+    ours = rq.action_logprob(rq.gather_actions(q_r, labels), rq.gather_actions(logp1, labels), v, labels,
+                             alpha0, alpha_tilde)
+    direct = rq.gather_actions(torch.log_softmax(rq.customised_logits(q_r, logp1, alpha0, alpha_tilde), -1), labels)
+    torch.testing.assert_close(ours, direct, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.sum(-1), rq.response_logprob(rq.customised_logits(q_r, logp1, alpha0, alpha_tilde),
+                                                                 labels), rtol=1e-10, atol=1e-10)
+
+
+def test_chosen_nll_by_hand():
+    # 2 pairs, chosen rows first: the chosen responses have 2 and 1 tokens; rejected rows are ignored.
+    labels = torch.tensor([[IGNORE, 1, 1], [IGNORE, 1, IGNORE], [IGNORE, 1, IGNORE], [IGNORE, 1, 1]])
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, -99.0], [-50.0, -99.0], [-50.0, -50.0]])
+    torch.testing.assert_close(chosen_nll(logp, labels), torch.tensor((1.0 + 2.0 + 3.0) / 3))
 
 
 def test_bt_loss_by_hand():
