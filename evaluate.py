@@ -59,7 +59,6 @@ from residual_q import (IGNORE, derived_reward, gather_actions, next_tokens, res
 from support import cli, loading
 
 HERE = Path(__file__).resolve().parent
-HUB = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "mmlu": ("cais/mmlu", "all")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,6 +396,9 @@ def task_metrics(out, names):
 # ------------------------------------------------------------------------------------------------
 # the hand-written multiple-choice scoring that --tasks replaced; compose.py still uses it
 # (lm-eval's arc_easy format, acc_norm by UTF-8 bytes where lm-eval divides by characters)
+
+
+HUB = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "mmlu": ("cais/mmlu", "all")}
 
 
 def read_benchmark(name, source):

@@ -23,15 +23,16 @@ Tasks: lm-eval's own by name (arc_easy, mmlu, ...: they load from the hub), or o
 ../shared/data/retention. `task_manager` and `task_specs` load them, with their data files made
 absolute: relative to the repository root, or in the folder $QADAPTER_RETENTION_DATA names.
 
-    lm = PolicyLM(CustomisedPolicy(adapter, 1.0, 1.0), tokenizer, batch_size=8)
-    out = lm_eval.simple_evaluate(model=lm, tasks=task_specs(["arc_easy_local"]), task_manager=task_manager(["arc_easy_local"]))
+    lm = PolicyLM(CustomisedPolicy(adapter, alpha0=1.0, alpha_tilde=1.0), tokenizer, batch_size=8)
+    names = ["arc_easy_local"]
+    out = lm_eval.simple_evaluate(model=lm, tasks=task_specs(names), task_manager=task_manager(names))
+    out["results"]["arc_easy_local"]["acc,none"]
 """
 import contextlib
 import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text, resolve_max_length)
