@@ -6,7 +6,9 @@ The frozen model and the customised policy of a trained run answer the run's hel
 answers side by side and the verdicts, then for all held-out prompts the share of answers in the
 preferred style, the share of degenerate ones (empty or looping), and the per-token
 KL(pi~ ‖ pi1) along the customised answers (teacher-forced: model.QAdapter.forward, then
-residual_q.kl_to_frozen at every answer state). Everything goes to RUN/demo.json.
+residual_q.kl_to_frozen at every answer state). A third column is the reference the head aims at:
+the frozen model *asked* for the style (the prompt ends with --asked, the instruction the chosen
+answers were written with, demo/build_child.py). Everything goes to RUN/demo.json.
 
     python demo/show.py runs/demo                 # after `python train.py --out-dir runs/demo`
     python demo/show.py runs/demo --shown 6 --max-new-tokens 128
@@ -21,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from demo.build_child import INSTRUCTION  # noqa: E402
 from demo.child import adherence, judge  # noqa: E402
 from residual_q import kl_to_frozen, next_tokens, scored_states  # noqa: E402
 from sample import generate_batched  # noqa: E402
@@ -61,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--shown", type=int, default=4, help="prompts printed with both answers side by side")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer at most")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    ap.add_argument("--asked", default=INSTRUCTION,
+                    help="the reference column: the frozen model with this appended to each prompt ('' leaves it out)")
     ap.add_argument("--alpha0", type=float, default=None,
                     help="decode-time dial a, as in sample.py: α0 = α̃ = a (default: the run's trained values)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: a GPU if there is one)")
@@ -79,6 +84,9 @@ def main(argv=None):
     opts = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     frozen = generate_batched(adapter, tok, conversations, desc="frozen answers", frozen_only=True, **opts)
     custom = generate_batched(adapter, tok, conversations, desc="customised answers", **alphas, **opts)
+    asked = [c[:-1] + [{**c[-1], "content": f"{c[-1]['content']} {args.asked}"}] for c in conversations]
+    asked = generate_batched(adapter, tok, asked, desc="frozen answers, asked", frozen_only=True,
+                             **opts) if args.asked else None
     for conv, f, c in list(zip(conversations, frozen, custom))[:args.shown]:
         side_by_side(conv[-1]["content"], f[0], c[0])
     kl = kl_along(adapter, tok, conversations, [a for a, _ in custom], batch_size=8, **alphas)
@@ -87,11 +95,14 @@ def main(argv=None):
               "answers": [{"prompt": c[-1]["content"], "frozen": f[0], "customised": a[0]}
                           for c, f, a in zip(conversations, frozen, custom)]}
     result["frozen"]["kl"] = 0.0  # KL(pi1 ‖ pi1)
+    if asked is not None:
+        result["asked"] = {**adherence(*zip(*asked)), "instruction": args.asked}
     print(f"\n{len(conversations)} held-out prompts, greedy, at most {args.max_new_tokens} new tokens")
-    print(f"  {'':<40}{'frozen pi1':>10}   {'customised pi~':>14}")
+    print(f"  {'':<36}{'frozen pi1':>10}   {'customised pi~':>14}" + ("   frozen, asked" if asked else ""))
     for key, label in (("adherence", "answers a child would understand"), ("degenerate", "degenerate (empty, looping)"),
                        ("kl", "per-token KL(pi~ ‖ pi1)")):
-        print(f"  {label:<40}{result['frozen'][key]:>10.3f}   {result['customised'][key]:>14.3f}")
+        ref = f"{result['asked'][key]:>16.3f}" if asked and key in result["asked"] else ""
+        print(f"  {label:<36}{result['frozen'][key]:>10.3f}   {result['customised'][key]:>14.3f}{ref}")
     out = Path(args.run).parent if Path(args.run).name == "checkpoint" else Path(args.run)
     out = out / ("demo.json" if args.alpha0 is None else f"demo-alpha{args.alpha0:g}.json")
     run_state.write_atomic(out, json.dumps(result, indent=2, ensure_ascii=False))

@@ -78,3 +78,6 @@ def test_show_runs_end_to_end_and_writes_its_numbers(tiny_path, tmp_path):
     for side in ("frozen", "customised"):
         assert set(written[side]) == {"adherence", "degenerate", "plain", "n", "kl"}
     assert written["frozen"]["kl"] == 0.0 and written["customised"]["kl"] >= 0.0
+    assert written["asked"]["n"] == 3 and written["asked"]["instruction"] == show.INSTRUCTION
+    no_reference = show.main([str(run), "--max-new-tokens", "6", "--shown", "0", "--asked", "", "--device", "cpu"])
+    assert "asked" not in no_reference
