@@ -8,7 +8,7 @@ PY := .venv/bin/python
 	touch $@
 
 demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M: answers a child would understand), then show what it writes
-	$(PY) train.py --out-dir runs/demo --overwrite --samples 0 --beta 0.1
+	$(PY) train.py --out-dir runs/demo --overwrite --samples 0 --epochs 3
 	$(PY) demo/show.py runs/demo
 
 test: .venv/installed  ## the test suite (1.5 min on 2 idle CPU cores)

@@ -32,7 +32,7 @@ Forgot what it knew?
 
 A decode-time α0 sweep (`--alpha0 0.5 1 2 4`) sets α0 = α̃ = a: pi~ ∝ pi1·exp(Q_R / a), so a is the
 weight on the frozen model relative to the head, without changing pi1's temperature; a → ∞ is pi1.
-A head trained at α0 = α̃ = 1 is the trained policy at a = 1; other values are an extrapolation.
+A head trained at α0 = α̃ = a (train.py's default: 0.1) is the trained policy at that a; other values are an extrapolation.
 
     python evaluate.py --checkpoint runs/demo --checkpoint runs/demo-dpo --checkpoint runs/demo-sft \\
         --alpha0 0.5 1 2 4 --adherence --limit 50 --out results/demo --plot

@@ -87,15 +87,16 @@ def build_parser(description=__doc__):
                         "and only the new head trains; the heads it was itself stacked on come along "
                         "(repeatable, bottom up, to name them explicitly)")
     a = ap.add_argument_group("residual Q-learning")
-    a.add_argument("--alpha0", type=float, default=1.0,
+    a.add_argument("--alpha0", type=float, default=0.1,
                    help="α0 = λ·α1, weight of the frozen model's log pi1 in the customised policy; with a "
-                        "zero head and α0 = α̃ the customised policy is the frozen one (the official code uses 0.01 "
-                        "with a head initialised to the base logits)")
-    a.add_argument("--alpha-tilde", type=float, default=1.0, help="α̃, temperature of the customised policy")
+                        "zero head and α0 = α̃ the customised policy is the frozen one. α0 = α̃ = a makes the loss "
+                        "DPO's with β = a: 0.1 (TRL's β) writes the preference, 1 only ranks it (docs/results.md; "
+                        "the official code uses α0 = 0.01, α̃ = 1 with a head initialised to the base logits)")
+    a.add_argument("--alpha-tilde", type=float, default=0.1, help="α̃, temperature of the customised policy")
     a.add_argument("--gamma", type=float, default=1.0, help="γ, discount in r2 = Q_R − γ·V(s')")
-    a.add_argument("--beta", type=float, default=0.01,
+    a.add_argument("--beta", type=float, default=0.1,
                    help="β, weight of the mean r2² regulariser (0: off; the official code uses 0.1)")
-    a.add_argument("--nll", type=float, default=0.0,
+    a.add_argument("--nll", type=float, default=1.0,
                    help="weight λ of an extra term, λ·(−mean log pi~(a_t|s_t)) over the chosen answers' tokens, so "
                         "that pi~ learns to write them, not only to rank them (0: the paper's loss; DPO with "
                         "this term is RPO, Pang et al. 2024)")
@@ -118,7 +119,8 @@ def build_parser(description=__doc__):
 
 def add_run_flags(ap):
     a = ap.add_argument_group("optimisation")
-    a.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW), linear warm-up then cosine")
+    a.add_argument("--lr", type=float, default=2e-4,
+                   help="peak learning rate (AdamW), linear warm-up then cosine (at α̃ = 1 about ten times higher)")
     a.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
     a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")

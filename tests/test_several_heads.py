@@ -150,7 +150,8 @@ def test_a_stacked_checkpoint_names_its_chain_and_loads_it(runs):
     config = json.loads((d / "b" / "checkpoint" / "config.json").read_text())
     assert [Path(c["path"]) for c in config["base_heads"]] == [(d / "a" / "checkpoint").resolve()]
     adapter, _, _ = loading.load_adapter(d / "b")
-    assert len(adapter.below) == 1 and adapter.below_alphas == [(1.0, 1.0)]
+    a_config = json.loads((d / "a" / "checkpoint" / "config.json").read_text())
+    assert len(adapter.below) == 1 and adapter.below_alphas == [(a_config["alpha0"], a_config["alpha_tilde"])]
     a, _, _ = loading.load_adapter(d / "a")
     torch.testing.assert_close(adapter.below[0].up.weight, a.head.up.weight, rtol=0, atol=0)
 
