@@ -9,7 +9,7 @@ PY := .venv/bin/python
 
 demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M: answers a child would understand), then show what it writes
 	$(PY) train.py --out-dir runs/demo --overwrite --samples 0 --epochs 3
-	$(PY) demo/show.py runs/demo
+	$(PY) demo/show.py runs/demo --limit 48
 
 test: .venv/installed  ## the test suite (1.5 min on 2 idle CPU cores)
 	$(PY) -m pytest
