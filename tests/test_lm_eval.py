@@ -1,7 +1,6 @@
 """support/lm_eval_model.py: our policies as lm-eval models. A zero head with α0 = α̃ is pi1, so it
 must give what lm-eval's own HFLM gives on the same Hugging Face model (values, greedy flags, task
 accuracy); a nonzero head must not; generate_until is sample.generate's greedy decoding, cut at `until`."""
-import json
 
 import lm_eval
 import pytest
