@@ -211,7 +211,7 @@ def save_checkpoint(out_dir, peft_model, progress, args):
     meta = {"method": args.method, "base_model": args.base_model, **{k: getattr(args, k) for k in
             ("dpo_beta", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "cutoff", "max_prompt",
              "lr", "epochs", "batch_size", "grad_accum", "seed", "data", "test_data", "split",
-             "test_fraction")}, **progress}
+             "test_fraction", "split_seed")}, **progress}
     (tmp / loading.CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     if final.exists():
         os.replace(final, old)

@@ -79,13 +79,8 @@ def name_of(path):
 
 def held_out_set(tok, config, limit):
     """The held-out pairs train.py evaluated this head on, tokenised the same way."""
-    split = config.get("split", "train")
     try:
-        if config.get("test_data"):
-            pairs = data.load_pairs(config["test_data"], split)
-        else:
-            _, pairs = data.split_by_prompt(data.load_pairs(config["data"], split),
-                                            config.get("test_fraction", 0.2), config.get("seed", 0))
+        pairs = data.held_out_of(config)
         pairs = pairs[:config.get("eval_limit") or None][:limit or None]
         return data.PairDataset(tok, pairs, config["cutoff"], config.get("max_prompt"))
     except data.DataError as e:

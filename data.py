@@ -268,6 +268,17 @@ def split_by_prompt(pairs: list[Pair], test_fraction: float, seed: int) -> tuple
     return train, test
 
 
+def held_out_of(config: dict) -> list[Pair]:
+    """The held-out pairs of a saved run (its config.json): its --test-data, or the split of its
+    --data that train.py made (a run saved before --split-seed existed split with its --seed)."""
+    split = config.get("split", "train")
+    if config.get("test_data"):
+        return load_pairs(config["test_data"], split)
+    _, test = split_by_prompt(load_pairs(config["data"], split), config.get("test_fraction", 0.2),
+                              config.get("split_seed", config.get("seed", 0)))
+    return test
+
+
 def train_and_test_sets(args, tok):
     """train.py's data: (train set, test set, test pairs) from --data, --test-data (or a split of
     --data by prompt), --train-limit, --eval-limit, --cutoff, --max-prompt. A bad file is a
@@ -277,7 +288,7 @@ def train_and_test_sets(args, tok):
         if args.test_data:
             test_pairs = load_pairs(args.test_data, args.split)
         else:
-            train_pairs, test_pairs = split_by_prompt(train_pairs, args.test_fraction, args.seed)
+            train_pairs, test_pairs = split_by_prompt(train_pairs, args.test_fraction, args.split_seed)
             if not test_pairs:
                 raise DataError(f"{label(args.data, args.split)}: every pair has the same prompt, so "
                                      f"splitting by prompt leaves no test pairs: give --test-data FILE")

@@ -224,6 +224,38 @@ def load_policy(path, alphas, device, dtype, trust_remote_code=False):
 # data: held-out pairs, sequences for the KL
 
 
+def adherence_prompts_and_scorer(args, config):
+    """(conversations to answer, score(texts, finished) -> {'adherence', 'degenerate', ...}) for --adherence.
+
+    child / concise: the demo's rule-based scorers (demo/). judge: judge.py's classifier of the DSP
+    style, fitted on the training queries of the checkpoint's split, so the held-out queries answered
+    here are unseen by it; 'adherence' is the share judged in style, 'mean_prob' its mean probability,
+    'degenerate' the share of looping answers (demo.concise.is_degenerate)."""
+    limit = args.gen_limit or None
+    if args.scorer != "judge":
+        pairs = held_out_pairs(args.prompts or str(HERE / "demo" / "child_test.jsonl"), {}, 0)
+        return distinct_prompts(pairs)[:limit], importlib.import_module(f"demo.{args.scorer}").adherence
+    import judge as style_judge
+    from demo.concise import is_degenerate
+    source = args.judge_data or config.get("data")
+    if not source:
+        raise SystemExit("error: --scorer judge: give --judge-data FILE (the checkpoint names no --data)")
+    style, _, test = style_judge.for_data(source, config.get("test_fraction", 0.2),
+                                          config.get("split_seed", config.get("seed", 0)))
+    pairs = held_out_pairs(args.prompts, {}, 0) if args.prompts else test
+
+    def score(texts, finished):
+        return {**style.adherence(texts), "degenerate": sum(map(is_degenerate, texts)) / max(len(texts), 1)}
+    return distinct_prompts(pairs)[:limit], score
+
+
+def distinct_prompts(pairs):
+    seen = {}
+    for p in pairs:
+        seen.setdefault(json.dumps(p.prompt, sort_keys=True), p.prompt)
+    return list(seen.values())
+
+
 def pad_rows(rows, pad_id):
     """rows: list of (ids, labels) lists -> right-padded input_ids, attention_mask, labels: (N, T)."""
     T = max(len(ids) for ids, _ in rows)
@@ -242,11 +274,7 @@ def held_out_pairs(source, config, limit):
     try:
         if source:
             return data.load_pairs(source)[:limit or None]
-        if config.get("test_data"):
-            return data.load_pairs(config["test_data"], config.get("split", "train"))[:limit or None]
-        pairs = data.load_pairs(config["data"], config.get("split", "train"))
-        _, test = data.split_by_prompt(pairs, config.get("test_fraction", 0.2), config.get("seed", 0))
-        return test[:limit or None]
+        return data.held_out_of(config)[:limit or None]
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
 
@@ -479,7 +507,8 @@ def multiple_choice(policy, tokenizer, items, cutoff, batch_size, bench, with_fr
 
 BEFORE = [("pairwise_accuracy", "pairwise acc", "{:.3f}"), ("margin", "margin", "{:.2f}"),
           ("likelihood_accuracy", "π(y_w)>π(y_l)", "{:.3f}"),
-          ("adherence", "adherence", "{:.3f}"), ("degenerate", "degenerate", "{:.3f}")]
+          ("adherence", "adherence", "{:.3f}"), ("mean_prob", "style prob", "{:.3f}"),
+          ("degenerate", "degenerate", "{:.3f}")]
 AFTER = [("kl", "KL(pi‖pi1)/token", "{:.4f}"), ("s_per_pair", "train s/pair", "{:.2f}")]
 
 
@@ -591,10 +620,15 @@ def build_parser():
                          "lm-eval's mmlu")
     ap.add_argument("--adherence", action="store_true",
                     help="generate greedy answers to --prompts and score them with the --scorer of demo/")
-    ap.add_argument("--scorer", default="child", choices=["child", "concise"],
-                    help="which demo preference --adherence scores: demo/child.py (the demo's) or demo/concise.py")
-    ap.add_argument("--prompts", default=str(HERE / "demo" / "child_test.jsonl"),
-                    help="prompts for --adherence: a preference .jsonl (its prompts)")
+    ap.add_argument("--scorer", default="child", choices=["child", "concise", "judge"],
+                    help="what --adherence scores: demo/child.py (the demo's preference), demo/concise.py, or "
+                         "judge.py's style classifier fitted on the training queries of --judge-data (DSP)")
+    ap.add_argument("--judge-data", default=None,
+                    help="--scorer judge: the preference file the judge learns the style from (default: the first "
+                         "checkpoint's --data), split as that checkpoint split it")
+    ap.add_argument("--prompts", default=None,
+                    help="prompts for --adherence: a preference .jsonl (its distinct prompts; default: the demo's "
+                         "held-out prompts, or with --scorer judge the first checkpoint's held-out queries)")
     ap.add_argument("--limit", type=int, default=0,
                     help="at most N pairs, KL sequences and prompts, N questions per benchmark task (0: all)")
     ap.add_argument("--mc-limit", type=int, default=None,
@@ -671,7 +705,7 @@ def main(argv=None):
     benchmarks = Benchmarks(args.task_names, args.task_files, args.retention_data, args.mc_limit, args.num_fewshot,
                             args.mc_cutoff) if args.task_names else None
     kl_pairs = held_out_pairs(args.kl_data, {}, args.limit) if args.kl_data else []
-    prompts = [p.prompt for p in held_out_pairs(args.prompts, {}, args.gen_limit)] if args.adherence else []
+    prompts, score_answers = [], None
 
     results, frozen_done = {}, False
     for run in args.checkpoint:
@@ -700,13 +734,14 @@ def main(argv=None):
             merge(kl_to_frozen(policy, tok, kl_pairs, cutoff, args.batch_size))
         if benchmarks:
             merge(benchmarks.score(policy, tok, set(names), args.batch_size))
+        if args.adherence and score_answers is None:  # the first checkpoint decides the prompts and the judge
+            prompts, score_answers = adherence_prompts_and_scorer(args, policy.config)
         if prompts:
-            adherence = importlib.import_module(f"demo.{args.scorer}").adherence
             answers = policy.generate(tok, prompts, args.max_new_tokens, args.batch_size)
             if not frozen_done:
                 answers["frozen"] = frozen_generate(policy, tok, prompts, args.max_new_tokens, args.batch_size)
             for n, a in answers.items():
-                rows[n].update(adherence(*zip(*a)))
+                rows[n].update(score_answers(*zip(*a)))
                 rows[n]["answers"] = [{"prompt": p[-1]["content"], "answer": t, "finished": f}
                                       for p, (t, f) in zip(prompts, a)]
         if not frozen_done:  # the frozen row goes first; its pairwise numbers are on this run's pairs

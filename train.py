@@ -111,6 +111,9 @@ def build_parser(description=__doc__):
                    help="held-out pairs; '' splits --data by prompt instead")
     a.add_argument("--split", default="train", help="split of a hub data set")
     a.add_argument("--test-fraction", type=float, default=0.2, help="share of prompts held out when splitting")
+    a.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the split by prompt; kept apart from --seed so that runs with different seeds are "
+                        "scored on the same held-out prompts")
     a.add_argument("--cutoff", type=int, default=256, help="tokens per sequence at most (prompt + response)")
     a.add_argument("--max-prompt", type=int, default=None, help="prompt tokens kept at most, its end (default cutoff/2)")
     add_run_flags(ap)
@@ -132,7 +135,7 @@ def add_run_flags(ap):
     a.add_argument("--cache-disk-gb", type=float, default=0.0,
                    help="disk for the frozen hidden states past --cache-gb, a temporary file in --out-dir "
                         "deleted at the end (0: recompute what does not fit in memory)")
-    a.add_argument("--seed", type=int, default=0, help="seed of the head's init, the split and the data order")
+    a.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
     a = ap.add_argument_group("run")
     a.add_argument("--out-dir", default="runs/demo", help="metrics, summary and checkpoint go here")
     a.add_argument("--eval-every", type=int, default=0, help="evaluate and save every N steps (0: each epoch)")

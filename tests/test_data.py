@@ -234,6 +234,20 @@ def test_split_keeps_a_prompt_on_each_side():
     assert data.split_by_prompt(make_pairs(5, 2), 0.0, seed=0) == (make_pairs(5, 2), [])
 
 
+def test_held_out_of_a_saved_run_is_the_split_train_py_made(tmp_path):
+    pairs = make_pairs(20, 2)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                            for p in pairs))
+    split = data.split_by_prompt(data.load_pairs(str(path)), 0.25, 3)
+    config = {"data": str(path), "test_fraction": 0.25, "split_seed": 3, "seed": 7}
+    assert data.held_out_of(config) == split[1]  # the training seed (7) does not move the split
+    assert data.held_out_of({**config, "seed": 0}) == split[1]
+    older = {"data": str(path), "test_fraction": 0.25, "seed": 3}  # saved before --split-seed: its seed split
+    assert data.held_out_of(older) == split[1]
+    assert data.held_out_of({**config, "test_data": str(path)}) == data.load_pairs(str(path))
+
+
 # ------------------------------------------------------------------------------------------------
 # tokenizing
 

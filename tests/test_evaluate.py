@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import baselines
+import data
 import evaluate as E
 import model as M
 from tests.conftest import SHARED_DATA, separable_pairs, tiny_llama, write_jsonl
@@ -242,3 +243,36 @@ def test_the_shared_retention_files_read_whole():
     mmlu = E.read_benchmark("mmlu", str(SHARED_DATA / "retention" / "mmlu_validation.jsonl"))
     assert len(arc) == 570 and len(mmlu) == 1531
     assert all(0 <= answer < len(choices) for _, choices, answer in arc + mmlu)
+
+
+def test_judge_scorer_answers_the_held_out_queries_and_scores_style_and_loops(tokenizer, tiny_path, tmp_path,
+                                                                              monkeypatch):
+    """--scorer judge: the prompts are the checkpoint's held-out queries (each once), the judge is
+    fitted on its training queries, and a looping answer counts as degenerate."""
+    from tests.test_judge import TOPICS, formal, pirate, tiny_pairs
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path / "cache"))
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in tiny_pairs(TOPICS)]
+    dsp = write_jsonl(tmp_path / "dsp.jsonl", rows)
+    config = {"data": dsp, "test_fraction": 0.25, "split_seed": 0, "seed": 5}
+    args = E.parse_args(["--checkpoint", "x", "--adherence", "--scorer", "judge"])
+    prompts, score = E.adherence_prompts_and_scorer(args, config)
+    held_out = E.distinct_prompts(data.split_by_prompt(data.load_pairs(dsp), 0.25, 0)[1])
+    assert prompts == held_out and len(prompts) == 4  # 4 of 16 queries, each once though each is in 2 pairs
+    loop = "the sea the sea the sea " * 6
+    result = score([formal("sand"), pirate("sand"), loop], [True, True, False])
+    assert result["adherence"] == pytest.approx(1 / 3) and result["degenerate"] == pytest.approx(1 / 3)
+    assert result["n"] == 3 and 0 < result["mean_prob"] < 1
+
+    run = tmp_path / "qa"
+    adapter, _ = q_adapter(tokenizer, zero=False)
+    (run / "checkpoint").mkdir(parents=True)
+    loading.save_adapter(run / "checkpoint", adapter.head, {"base_model": tiny_path, "alpha0": 1.0, "alpha_tilde": 1.0,
+                                                            "gamma": 1.0, "cutoff": 64, **config})
+    results = E.main(["--checkpoint", str(run), "--adherence", "--scorer", "judge", "--gen-limit", "2",
+                      "--limit", "2", "--kl-data", "", "--max-new-tokens", "3", "--out", str(tmp_path / "eval"),
+                      "--device", "cpu"])
+    for name in ("frozen", "qa"):
+        assert [a["prompt"] for a in results[name]["answers"]] == [p[-1]["content"] for p in held_out[:2]]
+        assert {"adherence", "mean_prob", "degenerate"} <= set(results[name])
+    assert "style prob" in (tmp_path / "eval.md").read_text()
+
