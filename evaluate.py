@@ -46,6 +46,8 @@ evenly spaced questions of each benchmark task (MMLU is sorted by subject).
 import argparse
 import importlib
 import json
+import re
+import statistics
 import time
 from pathlib import Path
 
@@ -527,8 +529,9 @@ def markdown_table(results):
     for name, r in results.items():
         cells = []
         for key, _, fmt in cols:
-            value, stderr = r.get(key), r.get(f"{key}_stderr")
-            cells.append("" if value is None else fmt.format(value) + (f" ± {stderr:.3f}" if stderr is not None else ""))
+            value, spread = r.get(key), r.get(f"{key}_std", r.get(f"{key}_stderr"))
+            cells.append("" if value is None else fmt.format(value) + (f" ± {fmt.format(spread)}" if spread is not None
+                                                                       else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -558,7 +561,9 @@ def plot_tradeoff(results, path, preference_key):
         for name, r in results.items():
             if r.get(key) is None or r.get(preference_key) is None:
                 continue
-            groups.setdefault((r["kind"], r.get("run")), []).append((r.get("alpha0") or 0, r[key], r[preference_key], name))
+            groups.setdefault((r["kind"], r.get("run")), []).append(
+                (r.get("alpha0") or 0, r[key], r[preference_key], name,
+                 r.get(f"{key}_std", 0.0), r.get(f"{preference_key}_std", 0.0)))  # spread over seeds (--combine)
         runs_of_kind = {}
         for (kind, run), points in groups.items():
             points.sort()
@@ -570,8 +575,11 @@ def plot_tradeoff(results, path, preference_key):
             ax.plot(xs, ys, marker=marker, color=color, linestyle="-" if len(points) > 1 else "",
                     markersize=12 if kind == "frozen" else 7, label=points[0][3] if len(points) == 1 else
                     f"{points[0][3].split(' α0=')[0]} (α0 sweep)")
+            if any(p[4] or p[5] for p in points):
+                ax.errorbar(xs, ys, xerr=[p[4] for p in points], yerr=[p[5] for p in points], fmt="none",
+                            ecolor=color, alpha=0.5, capsize=3)
             if len(points) > 1:
-                for a0, x, y, _ in points:
+                for a0, x, y, *_ in points:
                     ax.annotate(f"α0={a0:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel({"kl": "KL(π‖π1) per token (lower: closer to frozen)"}.get(key, f"{key} under the policy"))
         if key == "kl":  # from 1e-4 to 1: logarithmic past 1e-3, linear below it (the frozen model is at 0)
@@ -643,6 +651,9 @@ def build_parser():
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     ap.add_argument("--out", default="results/eval", help="writes OUT.json and OUT.md (and OUT.png with --plot)")
     ap.add_argument("--plot", action="store_true", help="draw preference against retention into OUT.png (matplotlib)")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="OUT.json",
+                    help="no model is run: merge the outputs of runs named RUN-s0, RUN-s1, ... (one file per seed) "
+                         "into OUT.md/.json, each number the mean ± standard deviation over the seeds")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw OUT.png from an existing OUT.json (no model is run; --checkpoint not needed)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
@@ -654,7 +665,7 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    if not args.checkpoint and not args.replot:
+    if not args.checkpoint and not args.replot and not args.combine:
         raise SystemExit("error: give at least one --checkpoint DIR (a train.py or baselines.py output)")
     for flag in ("limit", "mc_limit", "gen_limit", "max_new_tokens", "batch_size", "cutoff", "mc_cutoff", "num_fewshot"):
         value = getattr(args, flag)
@@ -684,6 +695,33 @@ def write_results(args, results, t_start):
     return table
 
 
+def combine(paths):
+    """Several evaluate.py OUT.json files (one per seed) as one set of rows: a policy named RUN-sSEED
+    (α0 kept) is grouped with the same RUN of the other seeds; each number is the mean over the
+    seeds, with KEY_std the standard deviation (n - 1) and "seeds" the count."""
+    groups = {}
+    for path in paths:
+        try:
+            results = json.loads(Path(path).read_text())["results"]
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: --combine {path}: not an evaluate.py output ({e})")
+        for name, row in results.items():
+            groups.setdefault(re.sub(r"-s\d+(?=( α0=|$))", "", name), []).append(row)
+    combined = {}
+    for name, rows in groups.items():
+        out = {k: rows[0][k] for k in ("kind", "alpha0", "alpha_tilde") if k in rows[0]}
+        out.update(run=name, seeds=len(rows))
+        numbers = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and not k.endswith(("_stderr", "/n")) and k not in out and k not in ("n", "pairs")]
+        for k in numbers:
+            values = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+            out[k] = statistics.fmean(values)
+            if len(values) > 1:
+                out[f"{k}_std"] = statistics.stdev(values)
+        combined[name] = out
+    return combined
+
+
 def replot(args):
     path = Path(args.out).with_suffix(".json")
     try:
@@ -699,6 +737,13 @@ def main(argv=None):
     if args.replot:
         print(f"wrote {replot(args)}")
         return None
+    if args.combine:
+        results = combine(args.combine)
+        args.adherence = any("adherence" in r for r in results.values())
+        print("\n" + write_results(args, results, time.time()))
+        if args.plot:
+            print(f"wrote {replot(args)}")
+        return results
     t_start = time.time()
     device, dtype, why = loading.pick_device(args.device, args.dtype)
     print(why)

@@ -276,3 +276,31 @@ def test_judge_scorer_answers_the_held_out_queries_and_scores_style_and_loops(to
         assert {"adherence", "mean_prob", "degenerate"} <= set(results[name])
     assert "style prob" in (tmp_path / "eval.md").read_text()
 
+
+
+def test_combine_groups_seeds_into_mean_and_std(tmp_path):
+    def out(seed, adherence, kl):
+        rows = {"frozen": {"kind": "frozen", "run": None, "adherence": 0.1, "kl": 0.0, "arc_easy_local/acc": 0.5,
+                           "arc_easy_local/acc_stderr": 0.05, "arc_easy_local/n": 10},
+                f"qa-s{seed} α0=0.1": {"kind": "q-adapter", "run": f"runs/qa-s{seed}", "alpha0": 0.1, "alpha_tilde": 0.1,
+                                       "adherence": adherence, "kl": kl, "arc_easy_local/acc": 0.5, "n": 32},
+                f"dpo-s{seed}": {"kind": "dpo", "run": f"runs/dpo-s{seed}", "adherence": adherence / 2, "kl": 2 * kl}}
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"settings": {}, "results": rows}))
+        return str(path)
+    files = [out(0, 0.4, 0.1), out(1, 0.6, 0.3), out(2, 0.8, 0.2)]
+    combined = E.combine(files)
+    assert list(combined) == ["frozen", "qa α0=0.1", "dpo"]
+    qa = combined["qa α0=0.1"]
+    assert qa["adherence"] == pytest.approx(0.6) and qa["adherence_std"] == pytest.approx(0.2)
+    assert qa["kl"] == pytest.approx(0.2) and qa["kl_std"] == pytest.approx(0.1)
+    assert qa["seeds"] == 3 and qa["alpha0"] == 0.1 and qa["kind"] == "q-adapter" and "n" not in qa
+    assert combined["frozen"]["adherence_std"] == 0.0 and "arc_easy_local/acc_stderr" not in combined["frozen"]
+    assert combined["dpo"]["adherence"] == pytest.approx(0.3)
+    result = E.main(["--combine", *files, "--out", str(tmp_path / "all"), "--plot"])
+    assert result == combined
+    table = (tmp_path / "all.md").read_text()
+    assert "| qa α0=0.1 |" in table and "0.600 ± 0.200" in table
+    assert (tmp_path / "all.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="not an evaluate.py output"):
+        E.combine([str(tmp_path / "missing.json")])
