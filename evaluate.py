@@ -15,9 +15,10 @@ Learned the preference?
   pairwise accuracy on held-out pairs, with each method's own implicit reward: Q-Adapter the
     return R(x,y) = Σ_t r2 (residual_q.py); DPO and SFT β·Σ_t log pi/pi1 (Rafailov et al.); the
     frozen model its log-likelihood log pi1(y|x). Plus the mean margin reward(y_w) − reward(y_l).
-  adherence (`--adherence`, a demo preference): greedy answers to the test prompts, scored by
-    demo/child.py (the demo's; share "child") or demo/concise.py (--scorer concise), and the
-    share of degenerate answers.
+  adherence (`--adherence`): greedy answers to the test prompts, scored by demo/child.py (the
+    demo's; share "child"), demo/concise.py (--scorer concise), or on DSP by judge.py's style
+    classifier (--scorer judge: the share judged in style and the mean style probability, on the
+    checkpoint's held-out queries); and the share of degenerate (looping) answers.
 Forgot what it knew?
   benchmarks through lm-evaluation-harness (`--tasks`, support/lm_eval_model.py): each policy is an
     lm-eval model whose log-likelihoods are its own (log pi~ for Q-Adapter, never the head alone),
@@ -38,6 +39,10 @@ A head trained at α0 = α̃ = a (train.py's default: 0.1) is the trained policy
         --alpha0 0.5 1 2 4 --adherence --limit 50 --out results/demo --plot
 
     python evaluate.py --checkpoint runs/demo --tasks arc_easy_local,mmlu_continuation_local --mc-limit 100
+
+    python evaluate.py --checkpoint runs/dsp-qa-s0 --checkpoint runs/dsp-dpo-s0 --adherence --scorer judge \
+        --gen-limit 32 --tasks arc_easy_local --out results/dsp-academy-s0
+    python evaluate.py --combine results/dsp-academy-s0.json results/dsp-academy-s1.json --out results/dsp --plot
 
 Writes OUT.json (every number), OUT.md (the table, to paste) and with --plot OUT.png (preference
 against retention). --limit N takes the first N held-out pairs, KL sequences and prompts, and N
