@@ -702,7 +702,7 @@ def write_results(args, results, t_start):
 
 def combine(paths):
     """Several evaluate.py OUT.json files (one per seed) as one set of rows: a policy named RUN-sSEED
-    (α0 kept) is grouped with the same RUN of the other seeds; each number is the mean over the
+    is grouped with the same RUN of the other seeds (a Q-Adapter one by its decode-time α0 too); each number is the mean over the
     seeds, with KEY_std the standard deviation (n - 1) and "seeds" the count."""
     groups = {}
     for path in paths:
@@ -710,8 +710,9 @@ def combine(paths):
             results = json.loads(Path(path).read_text())["results"]
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"error: --combine {path}: not an evaluate.py output ({e})")
-        for name, row in results.items():
-            groups.setdefault(re.sub(r"-s\d+(?=( α0=|$))", "", name), []).append(row)
+        for name, row in results.items():  # "RUN-s1" (its trained α0) and "RUN-s0 α0=0.1" are one group
+            key = re.sub(r"-s\d+$", "", name.split(" α0=")[0])
+            groups.setdefault(key if row.get("alpha0") is None else f"{key} α0={row['alpha0']:g}", []).append(row)
     combined = {}
     for name, rows in groups.items():
         out = {k: rows[0][k] for k in ("kind", "alpha0", "alpha_tilde") if k in rows[0]}

@@ -282,7 +282,7 @@ def test_combine_groups_seeds_into_mean_and_std(tmp_path):
     def out(seed, adherence, kl):
         rows = {"frozen": {"kind": "frozen", "run": None, "adherence": 0.1, "kl": 0.0, "arc_easy_local/acc": 0.5,
                            "arc_easy_local/acc_stderr": 0.05, "arc_easy_local/n": 10},
-                f"qa-s{seed} α0=0.1": {"kind": "q-adapter", "run": f"runs/qa-s{seed}", "alpha0": 0.1, "alpha_tilde": 0.1,
+                f"qa-s{seed}" + (" α0=0.1" if seed == 0 else ""): {"kind": "q-adapter", "run": f"runs/qa-s{seed}", "alpha0": 0.1, "alpha_tilde": 0.1,
                                        "adherence": adherence, "kl": kl, "arc_easy_local/acc": 0.5, "n": 32},
                 f"dpo-s{seed}": {"kind": "dpo", "run": f"runs/dpo-s{seed}", "adherence": adherence / 2, "kl": 2 * kl}}
         path = tmp_path / f"s{seed}.json"
