@@ -50,6 +50,7 @@ evenly spaced questions of each benchmark task (MMLU is sorted by subject).
 """
 import argparse
 import importlib
+import importlib.util
 import json
 import re
 import statistics
@@ -682,6 +683,11 @@ def parse_args(argv=None):
     args.mc_limit = args.limit if args.mc_limit is None else args.mc_limit
     args.gen_limit = args.limit if args.gen_limit is None else args.gen_limit
     args.task_names, args.task_files = task_names(args)
+    for wanted, module, flag in ((args.task_names, "lm_eval", "--tasks"),
+                                 (args.adherence and args.scorer == "judge", "sklearn", "--scorer judge")):
+        if wanted and importlib.util.find_spec(module) is None:
+            raise SystemExit(f"error: {flag} needs {module}, which is not installed: "
+                             f"pip install -r requirements-eval.txt (make test installs it)")
     return args
 
 

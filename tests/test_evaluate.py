@@ -304,3 +304,12 @@ def test_combine_groups_seeds_into_mean_and_std(tmp_path):
     assert (tmp_path / "all.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="not an evaluate.py output"):
         E.combine([str(tmp_path / "missing.json")])
+
+
+def test_a_missing_evaluation_package_is_one_line_error(monkeypatch):
+    real = E.importlib.util.find_spec
+    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    with pytest.raises(SystemExit, match="--scorer judge needs sklearn, which is not installed: pip install -r "
+                                         "requirements-eval.txt"):
+        E.parse_args(["--checkpoint", "x", "--adherence", "--scorer", "judge"])
+    E.parse_args(["--checkpoint", "x", "--adherence"])  # the demo's scorer needs nothing more
