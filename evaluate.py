@@ -633,7 +633,7 @@ def build_parser():
                     help="older spelling: a .jsonl file adds mmlu_local on that file, a hub name (cais/mmlu) "
                          "lm-eval's mmlu")
     ap.add_argument("--adherence", action="store_true",
-                    help="generate greedy answers to --prompts and score them with the --scorer of demo/")
+                    help="generate greedy answers to --prompts and score them with --scorer")
     ap.add_argument("--scorer", default="child", choices=["child", "concise", "judge"],
                     help="what --adherence scores: demo/child.py (the demo's preference), demo/concise.py, or "
                          "judge.py's style classifier fitted on the training queries of --judge-data (DSP)")
