@@ -691,11 +691,12 @@ def parse_args(argv=None):
     return args
 
 
-def write_results(args, results, t_start):
-    """OUT.json (settings and every number) and OUT.md (the table), each replaced atomically."""
+def write_results(args, results, t_start, settings=None):
+    """OUT.json (settings and every number) and OUT.md (the table), each replaced atomically.
+    settings: what produced the numbers (default: this call's flags)."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {**vars(args), "wall_time_s": round(time.time() - t_start, 1)}
+    settings = settings or {**vars(args), "wall_time_s": round(time.time() - t_start, 1)}
     table = markdown_table(results)
     for path, text in ((out.with_suffix(".json"), json.dumps({"settings": settings, "results": results}, indent=2,
                                                              ensure_ascii=False)),
@@ -752,7 +753,9 @@ def main(argv=None):
     if args.combine:
         results = combine(args.combine)
         args.adherence = any("adherence" in r for r in results.values())
-        print("\n" + write_results(args, results, time.time()))
+        sources = {path: json.loads(Path(path).read_text()).get("settings") for path in args.combine}
+        settings = {"combine": args.combine, "adherence": args.adherence, "sources": sources}
+        print("\n" + write_results(args, results, time.time(), settings))
         if args.plot:
             print(f"wrote {replot(args)}")
         return results

@@ -286,7 +286,7 @@ def test_combine_groups_seeds_into_mean_and_std(tmp_path):
                                        "adherence": adherence, "kl": kl, "arc_easy_local/acc": 0.5, "n": 32},
                 f"dpo-s{seed}": {"kind": "dpo", "run": f"runs/dpo-s{seed}", "adherence": adherence / 2, "kl": 2 * kl}}
         path = tmp_path / f"s{seed}.json"
-        path.write_text(json.dumps({"settings": {}, "results": rows}))
+        path.write_text(json.dumps({"settings": {"seed": seed}, "results": rows}))
         return str(path)
     files = [out(0, 0.4, 0.1), out(1, 0.6, 0.3), out(2, 0.8, 0.2)]
     combined = E.combine(files)
@@ -301,6 +301,8 @@ def test_combine_groups_seeds_into_mean_and_std(tmp_path):
     assert result == combined
     table = (tmp_path / "all.md").read_text()
     assert "| qa α0=0.1 |" in table and "0.600 ± 0.200" in table
+    settings = json.loads((tmp_path / "all.json").read_text())["settings"]  # where the numbers came from
+    assert settings["combine"] == files and settings["sources"][files[1]] == {"seed": 1} and settings["adherence"]
     assert (tmp_path / "all.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="not an evaluate.py output"):
         E.combine([str(tmp_path / "missing.json")])
