@@ -11,6 +11,7 @@ LoRA copy of the whole model, trained through it), on real batches of the demo p
   decoding tokens/s, batch 1 and 8  the frozen model decoded by the same loop       ≥ 0.85×
   cold start to the first step      import transformers + load the frozen model     ≤ 1.5×
   official design's training step   ours                                            ours ≥ 2.5× faster, ≤ 0.5× memory
+  LoRA Q-head's step (--q-head lora) frozen forward                                  none: what the paper's head costs
 
 Each figure is measured in a fresh process (bench.py runs itself with --measure NAME), so one
 figure's memory never inflates another's, and timed alternately with its floor in that process,
@@ -89,12 +90,13 @@ def parse_args(argv=None):
     ap.add_argument("--head-width", type=int, default=256, help="width of the Q-head (train.py's default)")
     ap.add_argument("--head-layers", type=int, default=2, help="layers of the Q-head")
     ap.add_argument("--head-heads", type=int, default=4, help="attention heads of the Q-head")
-    ap.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the official design (on q and v projections)")
+    ap.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the official design and of the LoRA Q-head "
+                                                          "(on q and v projections)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="dtype of the frozen model (auto: bf16 on a GPU, float32 on a CPU)")
     ap.add_argument("--skip", default="", help="comma-separated figures not to measure, of: frozen_forward, train_step, train_step_kept, "
-                         "train_step_disk, official, decode, cold_start (and decode_hf, max_batch)")
+                         "train_step_disk, train_step_lora, official, decode, cold_start (and decode_hf, max_batch)")
     ap.add_argument("--json", help="also write every number to this JSON file")
     r = ap.add_argument_group("without the weights: a real model's shape with random weights")
     r.add_argument("--random-model", choices=sorted(RANDOM_MODELS),
@@ -329,13 +331,14 @@ def measure_frozen_forward(setup, args):
             "head_parameters": setup.M.head_parameter_count(setup.head)}
 
 
-def training_step(setup, cache):
-    """One step as train.py takes it: loss, backward, clipping, AdamW."""
-    torch, head, a = setup.torch, setup.head, setup.train_args
+def training_step(setup, cache, adapter=None):
+    """One step as train.py takes it: loss, backward, clipping, AdamW (adapter: default the small head's)."""
+    adapter = adapter or setup.adapter
+    torch, head, a = setup.torch, adapter.head, setup.train_args
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-6)
 
     def step():
-        loss, _ = setup.train.batch_loss(setup.adapter, setup.batch, setup.keys, cache, a)
+        loss, _ = setup.train.batch_loss(adapter, setup.batch, setup.keys, cache, a)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), a.max_grad_norm)
         optimizer.step()
@@ -356,6 +359,16 @@ def measure_train_step_disk(setup, args):
     with tempfile.TemporaryDirectory() as tmp:
         cache = setup.FrozenCache(0, 64, tmp)  # no memory: everything through the disk file
         return {**against_floor(setup, training_step(setup, cache), args.repeats), "disk_bytes": cache.disk_used}
+
+
+def measure_train_step_lora(setup, args):
+    """The paper's parameterisation (train.py --q-head lora, model.LoraHead): LoRA rank --lora-rank on
+    q and v of every layer, Q_R = logits with it − logits without. Its step adds a second forward and
+    a backward through the whole model to ours; no target, the figure says what that costs."""
+    M = setup.M
+    head = M.LoraHead(setup.base, M.LoraHeadConfig(setup.base.config.hidden_size, args.lora_rank,
+                                                   ("q_proj", "v_proj"), 2.0 * args.lora_rank))
+    return against_floor(setup, training_step(setup, setup.FrozenCache(0), M.QAdapter(setup.base, head)), args.repeats)
 
 
 def measure_official(setup, args):
@@ -574,7 +587,7 @@ def measure_cold_train(args, t_start):
 
 MEASURES = {"frozen_forward": measure_frozen_forward, "train_step": measure_train_step,
             "train_step_kept": measure_train_step_kept, "train_step_disk": measure_train_step_disk,
-            "official": measure_official, "decode": measure_decode,
+            "train_step_lora": measure_train_step_lora, "official": measure_official, "decode": measure_decode,
             "decode_hf": lambda setup, args: measure_decode(setup, args, hf=True), "max_batch": measure_max_batch}
 
 
@@ -686,6 +699,13 @@ def main(argv=None):
         c = results["cold_start"]
         row("cold_start", "cold start to the first step", f"{c['cold_train']:.2f} s", f"{c['cold_floor']:.2f} s",
             c["cold_train"] / c["cold_floor"], 1.5)
+    if "train_step_lora" in results:
+        r = results["train_step_lora"]
+        row("lora_time", "LoRA Q-head's step (--q-head lora)", f"{r['time_s']:.3f} s", f"{r['floor_s']:.3f} s",
+            r["ratio"], float("inf"))
+        if f_m:
+            row("lora_memory", "  its peak memory above the model", mb(r["peak_bytes"]), mb(f_m), r["peak_bytes"] / f_m,
+                float("inf"))
     if "official" in results:
         o = results["official"]
         row("official_time", "official design's step", f"{o['time_s']:.3f} s", f"{o['floor_s']:.3f} s", o["ratio"],

@@ -222,3 +222,17 @@ def test_lora_flags_are_checked(tokenizer, tiny_path, separable, tmp_path):
     args = train.parse_args(["--q-head", "lora", "--lora-modules", "q_proj,wq"])
     with pytest.raises(SystemExit, match=r"--lora-modules: no layer named \['wq'\]"):
         train.new_head(args, tiny_llama(tokenizer))
+
+
+def test_bench_measures_the_lora_heads_training_step(tmp_path):
+    """bench.py's train_step_lora figure: a LoRA Q-head step on a random-weight model, timed against
+    the frozen forward, in the table and the JSON (its process runs bench.py --measure)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--random-model", "smollm2-135m", "--random-layers", "1",
+                           "--device", "cpu", "--dtype", "float32", "--batch-size", "1", "--cutoff", "32", "--repeats", "1",
+                           "--skip", "train_step,train_step_kept,train_step_disk,official,decode,decode_hf,max_batch",
+                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LoRA Q-head's step (--q-head lora)" in done.stdout
+    lora = json.loads(out.read_text())["results"]["train_step_lora"]
+    assert lora["time_s"] > 0 and lora["floor_s"] > 0 and lora["peak_bytes"] > 0
