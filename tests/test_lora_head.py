@@ -224,6 +224,16 @@ def test_lora_flags_are_checked(tokenizer, tiny_path, separable, tmp_path):
         train.new_head(args, tiny_llama(tokenizer))
 
 
+def test_each_head_gets_the_learning_rate_that_won_for_it_unless_one_is_given():
+    """DSP academy (docs/results.md): lr 2e-4 for the small head, 1e-4 for the LoRA Q-head; an
+    explicit --lr wins, and the baselines keep the small head's default."""
+    import baselines
+    assert train.parse_args([]).lr == 2e-4
+    assert train.parse_args(["--q-head", "lora"]).lr == 1e-4
+    assert train.parse_args(["--q-head", "lora", "--lr", "3e-4"]).lr == 3e-4
+    assert baselines.parse_args(["--method", "dpo"]).lr == 2e-4
+
+
 def test_bench_measures_the_lora_heads_training_step(tmp_path):
     """bench.py's train_step_lora figure: a LoRA Q-head step on a random-weight model, timed against
     the frozen forward, in the table and the JSON (its process runs bench.py --measure)."""
