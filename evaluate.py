@@ -723,7 +723,7 @@ def combine(paths):
     combined = {}
     for name, rows in groups.items():
         out = {k: rows[0][k] for k in ("kind", "alpha0", "alpha_tilde") if k in rows[0]}
-        out.update(run=name, seeds=len(rows))
+        out.update(run=name.split(" α0=")[0], seeds=len(rows))  # one run's α0 values are one line in the plot
         numbers = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and not k.endswith(("_stderr", "/n")) and k not in out and k not in ("n", "pairs")]
         for k in numbers:

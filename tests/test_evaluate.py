@@ -295,6 +295,7 @@ def test_combine_groups_seeds_into_mean_and_std(tmp_path):
     assert qa["adherence"] == pytest.approx(0.6) and qa["adherence_std"] == pytest.approx(0.2)
     assert qa["kl"] == pytest.approx(0.2) and qa["kl_std"] == pytest.approx(0.1)
     assert qa["seeds"] == 3 and qa["alpha0"] == 0.1 and qa["kind"] == "q-adapter" and "n" not in qa
+    assert qa["run"] == "qa"  # without its α0: every α0 of one run is one line in the plot
     assert combined["frozen"]["adherence_std"] == 0.0 and "arc_easy_local/acc_stderr" not in combined["frozen"]
     assert combined["dpo"]["adherence"] == pytest.approx(0.3)
     result = E.main(["--combine", *files, "--out", str(tmp_path / "all"), "--plot"])
