@@ -19,7 +19,7 @@ Evaluation reads the same numbers on held-out pairs, plus KL(pi~ ‖ pi1) at eve
         --data dsp_academy_pairs.jsonl --test-data "" --cutoff 512 \\
         --batch-size 8 --grad-accum 8 --head-width 1024 --out-dir runs/dsp-academy   # one GPU, bf16
     python train.py --q-head lora --out-dir runs/lora  # the paper's LoRA Q-adapter (r 8 on q_proj,v_proj; lr 1e-4)
-    python train.py --q-head lora --data ../shared/data/dsp/dsp_academy_pairs.jsonl --test-data "" \\
+    python train.py --q-head lora --data dsp_academy_pairs.jsonl --test-data "" \\
         --cutoff 192 --out-dir runs/dsp-qalora          # the setting that writes DSP academy's style (docs/results.md)
     python train.py --out-dir runs/demo --resume      # continue from runs/demo/checkpoint
     torchrun --standalone --nproc_per_node 4 train.py --batch-size 4 ...      # 4 GPUs, data parallel
@@ -65,8 +65,8 @@ HERE = Path(__file__).resolve().parent
 # flags
 
 
-# The learning rate that won for each Q-head at α0 = α̃ = 0.1 (docs/results.md, "What the models write
-# on DSP academy"): the LoRA Q-head moves the whole model, so it takes half the small head's step.
+# The learning rate each Q-head was measured best with at α0 = α̃ = 0.1 (docs/results.md, "What the
+# models write on DSP academy"; the small head's also on the demo).
 DEFAULT_LR = {"small": 2e-4, "lora": 1e-4}
 
 
