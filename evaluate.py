@@ -26,7 +26,8 @@ Forgot what it knew?
     prompts: arc_easy_local (ARC-Easy validation, "Question: {question}\\nAnswer:" + " {choice}",
     acc and acc_norm: the sum of log p(continuation), and that divided by its length in characters),
     mmlu_local (MMLU validation, lettered choices, acc) and mmlu_continuation_local (its answers as
-    text, acc and acc_norm). lm-eval's own tasks (arc_easy, mmlu, ...) load from the hub.
+    text, acc and acc_norm), from the folder --retention-data (or $QADAPTER_RETENTION_DATA) names.
+    lm-eval's own tasks (arc_easy, mmlu, ...) load from the hub.
   KL(pi ‖ pi1) per token, teacher-forced on the chosen responses of `--kl-data` (default the demo's
     held-out prompts: general questions, answered in the frozen model's own words), averaged over
     tokens.
@@ -38,7 +39,8 @@ A head trained at α0 = α̃ = a (train.py's default: 0.1) is the trained policy
     python evaluate.py --checkpoint runs/demo --checkpoint runs/demo-dpo --checkpoint runs/demo-sft \\
         --alpha0 0.5 1 2 4 --adherence --limit 50 --out results/demo --plot
 
-    python evaluate.py --checkpoint runs/demo --tasks arc_easy_local,mmlu_continuation_local --mc-limit 100
+    python evaluate.py --checkpoint runs/demo --tasks arc_easy_local,mmlu_continuation_local --mc-limit 100 \
+        --retention-data DIR     # DIR holds arc_easy_validation.jsonl and mmlu_validation.jsonl
 
     python evaluate.py --checkpoint runs/dsp-qa-s0 --checkpoint runs/dsp-dpo-s0 --adherence --scorer judge \
         --gen-limit 32 --tasks arc_easy_local --out results/dsp-academy-s0
@@ -623,8 +625,8 @@ def build_parser():
                          "prompt, lettered choices), mmlu_continuation_local (answers as text). With internet, "
                          "lm-eval's own names load from the hub: arc_easy, mmlu, hellaswag, ... (default: none)")
     ap.add_argument("--retention-data", default=None,
-                    help="folder of the local tasks' JSON lines (default: $QADAPTER_RETENTION_DATA, else "
-                         "../shared/data/retention beside the repository)")
+                    help="folder holding the local tasks' JSON lines (arc_easy_validation.jsonl, mmlu_validation.jsonl; "
+                         "default: the folder $QADAPTER_RETENTION_DATA names)")
     ap.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per question (default: the task's, 0)")
     ap.add_argument("--arc-easy", default=None,
                     help="older spelling: a .jsonl file adds arc_easy_local on that file, a hub name (allenai/ai2_arc) "

@@ -23,9 +23,9 @@ written as JSON and rebuilt at load time (Judge.save / Judge.load). `for_data` r
 deterministically from a data file and caches those arrays under $QADAPTER_CACHE/judge (default
 ~/.cache/q-adapter/judge), keyed by the file's content, the split and the settings.
 
-    python judge.py --data ../shared/data/dsp/dsp_academy_pairs.jsonl
-    python judge.py --data ../shared/data/dsp/dsp_academy_pairs.jsonl --score runs/academy/samples.json
-    python judge.py --data ../shared/data/dsp/dsp_academy_pairs.jsonl --frozen 20 --out frozen20.json
+    python judge.py --data dsp_academy_pairs.jsonl      # DSP-style pairs: a query, its domain's answer, another's
+    python judge.py --data dsp_academy_pairs.jsonl --score runs/academy/samples.json
+    python judge.py --data dsp_academy_pairs.jsonl --frozen 20 --out frozen20.json
 
 --score reads a JSON list of strings, or sample.py's --out file (each answer's "customised" and,
 with --compare, "frozen" text). --frozen N decodes the first N held-out queries with the frozen
@@ -281,7 +281,7 @@ def frozen_answers(conversations, base_model, max_new_tokens, batch_size, device
 def parse_args(argv=None):
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="preference pairs of the domain (chosen = in its style), "
-                    "e.g. ../shared/data/dsp/dsp_academy_pairs.jsonl; the judge learns from its training queries")
+                    "e.g. dsp_academy_pairs.jsonl of the DSP data; the judge learns from its training queries")
     ap.add_argument("--test-fraction", type=float, default=0.2,
                     help="share of queries held out, as train.py's --test-fraction (keep them equal)")
     ap.add_argument("--seed", type=int, default=0, help="split seed, as train.py's --seed (keep them equal)")

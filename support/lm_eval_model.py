@@ -19,9 +19,9 @@ and windows, so a zero head with α0 = α̃ gives HFLM's numbers: tests/test_lm_
                                         up to max_gen_toks tokens, cut at the first `until` string.
 
 Tasks: lm-eval's own by name (arc_easy, mmlu, ...: they load from the hub), or ours in tasks/
-(arc_easy_local, mmlu_local, mmlu_continuation_local), which read the local JSON-lines copies in
-../shared/data/retention. `task_manager` and `task_specs` load them, with their data files made
-absolute: relative to the repository root, or in the folder $QADAPTER_RETENTION_DATA names.
+(arc_easy_local, mmlu_local, mmlu_continuation_local), which read local JSON-lines copies from a
+folder that evaluate.py --retention-data or $QADAPTER_RETENTION_DATA names. `task_manager` and
+`task_specs` load them, with their data files made absolute in that folder.
 
     lm = PolicyLM(CustomisedPolicy(adapter, alpha0=1.0, alpha_tilde=1.0), tokenizer, batch_size=8)
     names = ["arc_easy_local"]
@@ -304,19 +304,17 @@ def task_manager(names=()):
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=any(n not in ours for n in names))
 
 
-def data_file(path, data_dir=None):
-    """A data file named in one of our task configs, made absolute: in data_dir (or the folder
-    $QADAPTER_RETENTION_DATA names) when given, else relative to the repository root."""
+def data_file(name, data_dir=None):
+    """A data file named in one of our task configs, in the folder data_dir (else $QADAPTER_RETENTION_DATA)
+    names, as an absolute path; None when neither names a folder."""
     data_dir = data_dir or os.environ.get(DATA_ENV)
-    if data_dir:
-        return str(Path(data_dir).expanduser().resolve() / Path(path).name)
-    return str((REPO / path).resolve()) if not Path(path).is_absolute() else path
+    return str(Path(data_dir).expanduser().resolve() / Path(name).name) if data_dir else None
 
 
 def task_specs(names, data_dir=None, files=None):
     """What lm_eval.simple_evaluate takes as `tasks`: for each of our tasks its config (tasks/NAME.yaml)
     with absolute data files (files={name: path} overrides one), else lm-eval's own task name.
-    A local file that is missing is an error here, in one line, not a hub lookup later."""
+    A local file that is missing or has no folder is an error here, in one line, not a hub lookup later."""
     import yaml
     specs = []
     for name in names:
@@ -327,10 +325,14 @@ def task_specs(names, data_dir=None, files=None):
         cfg = yaml.safe_load(path.read_text())
         data_files = cfg["dataset_kwargs"]["data_files"]
         for split, f in data_files.items():
-            data_files[split] = str(Path(files[name]).resolve()) if files and name in files else data_file(f, data_dir)
-            if not Path(data_files[split]).is_file():
-                raise SystemExit(f"error: task {name}: no data file {data_files[split]} (set --retention-data DIR or "
-                                 f"${DATA_ENV} to the folder holding {Path(f).name})")
+            found = str(Path(files[name]).resolve()) if files and name in files else data_file(f, data_dir)
+            if found is None:
+                raise SystemExit(f"error: task {name} reads {f} from a local folder: give --retention-data DIR "
+                                 f"or set ${DATA_ENV} to the folder holding it")
+            if not Path(found).is_file():
+                raise SystemExit(f"error: task {name}: no data file {found} (set --retention-data DIR or "
+                                 f"${DATA_ENV} to the folder holding {f})")
+            data_files[split] = found
         specs.append(cfg)
     return specs
 

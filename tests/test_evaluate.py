@@ -204,7 +204,7 @@ def test_task_names_from_the_flags(files):
 def test_tasks_end_to_end_on_the_local_arc_easy(tokenizer, tiny_path, files, tmp_path, monkeypatch):
     """evaluate.py --tasks arc_easy_local --limit 5: lm-eval scores 5 evenly spaced questions of the
     570 under the frozen model and pi~."""
-    monkeypatch.delenv("QADAPTER_RETENTION_DATA", raising=False)
+    monkeypatch.setenv("QADAPTER_RETENTION_DATA", str(SHARED_DATA / "retention"))
     run = tiny_q_adapter_run(tokenizer, tiny_path, files, tmp_path / "qa")
     results = E.main(["--checkpoint", run, "--tasks", "arc_easy_local", "--limit", "5", "--kl-data", "",
                       "--out", str(tmp_path / "eval"), "--device", "cpu"])

@@ -118,7 +118,7 @@ def tiny_task(tmp_path_factory):
              "answerKey": "ABCD"[a]} for i, (q, c, a) in enumerate(QUESTIONS)]
     data = write_jsonl(d / "tiny_arc.jsonl", rows)
     cfg = (L.TASKS_DIR / "arc_easy_local.yaml").read_text().replace("task: arc_easy_local", "task: tiny_arc")
-    cfg = cfg.replace("../shared/data/retention/arc_easy_validation.jsonl", data)
+    cfg = cfg.replace("validation: arc_easy_validation.jsonl", f"validation: {data}")
     (d / "tiny_arc.yaml").write_text(cfg)
     return d
 
@@ -139,8 +139,10 @@ def test_task_accuracy_equals_hflm(base, tokenizer, tiny_task):
 def test_our_task_files_point_at_the_data(monkeypatch, tmp_path):
     assert {"arc_easy_local", "mmlu_local", "mmlu_continuation_local"} <= set(L.local_task_names())
     monkeypatch.delenv(L.DATA_ENV, raising=False)
-    beside = (L.REPO / ".." / "shared" / "data" / "retention").resolve()  # relative paths: from the repository root
-    assert L.data_file("../shared/data/retention/arc_easy_validation.jsonl") == str(beside / "arc_easy_validation.jsonl")
+    with pytest.raises(SystemExit, match=r"task arc_easy_local reads arc_easy_validation.jsonl from a local folder: "
+                                         r"give --retention-data DIR or set \$QADAPTER_RETENTION_DATA"):
+        L.task_specs(["arc_easy_local"])  # no folder named: no guess
+    assert L.data_file("arc_easy_validation.jsonl", str(tmp_path)) == str(tmp_path / "arc_easy_validation.jsonl")
     write_jsonl(tmp_path / "arc_easy_validation.jsonl", [{"id": "x"}])
     monkeypatch.setenv(L.DATA_ENV, str(tmp_path))
     (spec,) = L.task_specs(["arc_easy_local"])
