@@ -9,8 +9,10 @@ mean margin of the composed policy's return R (train.evaluate), the accuracy of 
 the frozen base model (logratio_accuracy: for a head stacked on others, the whole chain's reward
 rather than the top head's R), and the per-token KL(pi_w ‖ pi1) on those responses. With --joint (a head trained on both data sets together) it also reports
 KL(pi_w ‖ pi_joint): how far composing separately trained heads is from training on the union,
-which it approximates (model.WeightedHeads says why). With --arc-easy, benchmark accuracy under
-pi_w (evaluate.py's scoring) as a second retention measure.
+which it approximates (model.WeightedHeads says why). With --arc-easy FILE.jsonl, ARC-Easy accuracy
+under pi_w at each weight and under the frozen model (once), as a second retention measure:
+lm-evaluation-harness's arc_easy_local task on that file (evaluate.Benchmarks), on --mc-limit evenly
+spaced questions.
 
 The frozen model's hidden states are computed once per test set and kept across weights, so each
 extra weight costs only the heads and the vocabulary projection.
@@ -22,6 +24,7 @@ Writes OUT.json, OUT.md (a table to paste) and OUT.png (held-out accuracy agains
 curve per preference; needs matplotlib).
 """
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -33,6 +36,8 @@ import model as M
 import train
 from support import cli, fused_path, loading, run_state, vocab_chunks
 from support.frozen_cache import FrozenCache
+
+ARC_TASK = "arc_easy_local"  # lm-eval's arc_easy prompt and metrics on a local file (tasks/arc_easy_local.yaml)
 
 
 def parse_args(argv=None):
@@ -47,8 +52,10 @@ def parse_args(argv=None):
                     help="another run (e.g. a head stacked on another with --base-head) evaluated on the same "
                          "held-out pairs, as one more row (repeatable)")
     ap.add_argument("--limit", type=int, default=0, help="held-out pairs per preference at most (0: all)")
-    ap.add_argument("--arc-easy", default=None, help="ARC-Easy .jsonl (Hugging Face layout): accuracy under pi_w")
-    ap.add_argument("--mc-limit", type=int, default=100, help="ARC-Easy questions (evenly spaced)")
+    ap.add_argument("--arc-easy", default=None,
+                    help="ARC-Easy .jsonl (Hugging Face layout): accuracy under pi_w and the frozen model, "
+                         "through lm-eval (arc_easy_local; needs requirements-eval.txt)")
+    ap.add_argument("--mc-limit", type=int, default=100, help="ARC-Easy questions, evenly spaced (0: all)")
     ap.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
     ap.add_argument("--out", default="results/compose", help="writes OUT.json, OUT.md, OUT.png")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: a GPU if there is one)")
@@ -69,7 +76,26 @@ def parse_args(argv=None):
     for flag in ("limit", "mc_limit"):
         cli.check(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0")
     cli.check(args.batch_size >= 1, "--batch-size must be >= 1")
+    if args.arc_easy:
+        check_arc_easy(args.arc_easy)
     return args
+
+
+def check_arc_easy(path):
+    """--arc-easy, checked before any model loads: lm-eval installed, and a .jsonl of ARC rows, each
+    with its answerKey among its labels. A bad line is one error naming it; lm-eval would name no
+    line for bad JSON, and fail on a bad row only later, in a traceback."""
+    import evaluate
+    cli.check(importlib.util.find_spec("lm_eval") is not None,
+              "--arc-easy needs lm_eval, which is not installed: pip install -r requirements-eval.txt")
+    cli.check(path.endswith(".jsonl"), f"--arc-easy {path}: expected an ARC-Easy .jsonl file")
+    for where, row in evaluate.read_jsonl("--arc-easy", path):
+        choices = row["choices"] if isinstance(row.get("choices"), dict) else {}
+        labels, texts = choices.get("label"), choices.get("text")
+        if not ("question" in row and isinstance(texts, list) and isinstance(labels, list)
+                and row.get("answerKey") in labels):
+            raise SystemExit(f"error: --arc-easy {where}: not an ARC row (needs question, choices with text and "
+                             f"label, and answerKey among the labels)")
 
 
 def name_of(path):
@@ -190,10 +216,11 @@ def main(argv=None):
     if args.joint:
         joint_adapter, _, joint_config = loading.load_adapter(args.joint, device, dtype, base=adapter.base, tokenizer=tok)
         joint, joint_alphas = joint_adapter, (joint_config["alpha0"], joint_config["alpha_tilde"])
-    arc = None
-    if args.arc_easy:
+    arc = arc_policy = None
+    if args.arc_easy:  # the task is loaded and its questions picked once; the policy follows the weights
         import evaluate
-        arc = evaluate.evenly_spaced(evaluate.read_benchmark("arc_easy", args.arc_easy), args.mc_limit)
+        arc = evaluate.Benchmarks([ARC_TASK], {ARC_TASK: args.arc_easy}, None, args.mc_limit, None, None)
+        arc_policy = evaluate.QAdapterPolicy(adapter, configs[0], [alphas], "composed")
 
     rows, frozen = [], {}
     for weights in tqdm(args.weights, desc="weights"):
@@ -210,11 +237,12 @@ def main(argv=None):
                 row[f"{n}/kl_to_joint"] = kl_between(adapter, joint, tests[n], cache_for(n, adapter), alphas,
                                                      joint_alphas, args.batch_size, device, collate)
         if arc is not None:
-            policy = evaluate.QAdapterPolicy(adapter, configs[0], [alphas], "composed")
-            mc = evaluate.multiple_choice(policy, tok, arc, 512, args.batch_size, "arc_easy", with_frozen=True)
-            row["arc_easy/acc"] = mc["composed"]["arc_easy/acc"]
-            frozen["arc_easy/acc"] = mc["frozen"]["arc_easy/acc"]
+            scores = arc.score(arc_policy, tok, {"composed"}, args.batch_size)
+            row["arc_easy/acc"] = scores["composed"][f"{ARC_TASK}/acc"]
         rows.append(row)
+    if arc is not None:  # the frozen model does not depend on the weights: scored once
+        scores = arc.score(arc_policy, tok, {"frozen"}, args.batch_size)
+        frozen["arc_easy/acc"] = scores["frozen"][f"{ARC_TASK}/acc"]
     references = {}  # name -> {column: value}: the joint head and any --reference run, each on every test set
     for path in ([args.joint] if args.joint else []) + args.reference:
         other, _, config = loading.load_adapter(path, device, dtype, base=adapter.base, tokenizer=tok)

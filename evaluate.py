@@ -66,7 +66,7 @@ import data
 import model as M
 from residual_q import (IGNORE, derived_reward, gather_actions, next_tokens, response_return,
                         scored_states, soft_value)
-from support import cli, loading
+from support import cli, data_files, loading
 
 HERE = Path(__file__).resolve().parent
 
@@ -103,18 +103,16 @@ class FrozenPolicy:
         return torch.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
-    def score(self, ids, mask, labels, with_frozen=True):
+    def score(self, ids, mask, labels):
         """ids, mask, labels: (B, T), right-padded. Returns {policy name: (token_logp, kl, ret)} with
-        token_logp, kl (B, W-1) and ret (B,) the policy's implicit return, and "frozen" for pi1.
-        with_frozen=False lets a policy skip what needs pi1 (a LoRA model's second pass): its kl
-        and ret are then zeros, and "frozen" may be missing."""
+        token_logp, kl (B, W-1) and ret (B,) the policy's implicit return, and "frozen" for pi1."""
         n = int(mask.sum(-1).max())  # columns that are padding in every row are skipped
         ids, mask, labels = ids[:, :n], mask[:, :n], labels[:, :n]
         states, window_labels = scored_states(labels)  # (B, W)
-        out = self._score(ids, mask, states, window_labels, with_frozen)
+        out = self._score(ids, mask, states, window_labels)
         return out, window_labels
 
-    def _score(self, ids, mask, states, labels, with_frozen=True):
+    def _score(self, ids, mask, states, labels):
         logp1 = self.window_logp1(ids, mask, states)  # (B, W, V)
         token_logp, kl = token_stats(logp1, logp1, labels)
         return {"frozen": (token_logp, kl, token_logp.sum(-1))}
@@ -138,7 +136,7 @@ class QAdapterPolicy(FrozenPolicy):
         trained = (alpha0, alpha_tilde) == (self.config["alpha0"], self.config["alpha_tilde"])
         return self.name if trained and len(self.alphas) == 1 else f"{self.name} α0={alpha0:g}"
 
-    def _score(self, ids, mask, states, labels, with_frozen=True):
+    def _score(self, ids, mask, states, labels):
         q_r, logp1, *_ = self.adapter(ids, mask, states)  # (B, W, V) each
         # a head stacked on earlier heads customises their policy (model.QAdapter.prior): its log pi1
         # is then not the base model's, which the frozen row and the KL are about
@@ -173,11 +171,8 @@ class LoraPolicy(FrozenPolicy):
         return {"frozen": CausalLMPolicy(self.base, adapter_off=self.peft_model.disable_adapter),
                 self.name: CausalLMPolicy(self.base)}  # the base with its LoRA layers: pi
 
-    def _score(self, ids, mask, states, labels, with_frozen=True):
+    def _score(self, ids, mask, states, labels):
         logp = self.window_logp1(ids, mask, states)  # (B, W, V) with the adapter: pi
-        if not with_frozen:  # the benchmarks need log pi only
-            token_logp = gather_actions(logp, labels)
-            return {self.name: (token_logp, torch.zeros_like(token_logp), torch.zeros_like(token_logp[:, 0]))}
         with self.peft_model.disable_adapter():
             logp1 = self.window_logp1(ids, mask, states)  # (B, W, V) without: pi1
         token_logp, kl = token_stats(logp, logp1, labels)
@@ -299,7 +294,7 @@ def evenly_spaced(items, limit):
 # the measurements
 
 
-def run_batches(policy, rows, pad_id, batch_size, desc, with_frozen=True):
+def run_batches(policy, rows, pad_id, batch_size, desc):
     """Scores rows (list of (ids, labels)) in batches: {name: (token_logp list, kl sum, kl tokens, returns)}
     with per-row response log-likelihoods and returns."""
     out = {}
@@ -309,7 +304,7 @@ def run_batches(policy, rows, pad_id, batch_size, desc, with_frozen=True):
         idx = order[start:start + batch_size]
         ids, mask, labels = pad_rows([rows[i] for i in idx], pad_id)
         device = next(policy.base.parameters()).device
-        scores, window_labels = policy.score(ids.to(device), mask.to(device), labels.to(device), with_frozen)
+        scores, window_labels = policy.score(ids.to(device), mask.to(device), labels.to(device))
         _, response = next_tokens(window_labels)  # (B, W-1)
         for name, (token_logp, kl, ret) in scores.items():
             o = out.setdefault(name, {"logp": [0.0] * len(rows), "ret": [0.0] * len(rows), "kl": 0.0, "tokens": 0})
@@ -368,12 +363,20 @@ def task_names(args):
     for flag, local, hub in (("arc_easy", "arc_easy_local", "arc_easy"), ("mmlu", "mmlu_local", "mmlu")):
         value = getattr(args, flag)
         if value and value.endswith(".jsonl"):
-            if not Path(value).is_file():
-                raise SystemExit(f"error: --{flag.replace('_', '-')} {value}: no such file")
+            read_jsonl(f"--{flag.replace('_', '-')}", value)
             names, files[local] = names + [local], value
         elif value:
             names.append(hub)
     return list(dict.fromkeys(names)), files
+
+
+def read_jsonl(flag, path):
+    """The (where, row) pairs of a local task's .jsonl, read up front: a missing file or a line that is
+    not a JSON object is one line naming it (lm-eval's own error for a bad line is a deep traceback)."""
+    try:
+        return data_files.read_rows(path)
+    except data_files.DataError as e:
+        raise SystemExit(f"error: {flag} {e}")
 
 
 class Benchmarks:
@@ -429,87 +432,6 @@ def task_metrics(out, names):
                     row[f"{name}/{key}"] = float(value)
         row[f"{name}/n"] = questions(name)
     return row
-
-
-# ------------------------------------------------------------------------------------------------
-# the hand-written multiple-choice scoring that --tasks replaced; compose.py still uses it
-# (lm-eval's arc_easy format, acc_norm by UTF-8 bytes where lm-eval divides by characters)
-
-
-HUB = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "mmlu": ("cais/mmlu", "all")}
-
-
-def read_benchmark(name, source):
-    """[(context, [continuations], index of the right one)] of "arc_easy" or "mmlu", from a local
-    .jsonl file in the Hugging Face layout or a hub name (allenai/ai2_arc, cais/mmlu)."""
-    path = Path(source)
-    if path.suffix == ".jsonl":
-        if not path.is_file():
-            raise SystemExit(f"error: --{name.replace('_', '-')} {source}: no such file")
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path.name}:{n}", json.loads(line)))
-                except ValueError as e:
-                    raise SystemExit(f"error: {path.name}:{n}: invalid JSON ({e})")
-    else:  # a hub data set: needs the network, not exercised by the tests
-        import datasets
-        hub_name, subset = HUB[name] if source in (HUB[name][0], "hub") else (source, None)
-        try:
-            rows = [(f"{hub_name}:row {i}", r) for i, r in
-                    enumerate(datasets.load_dataset(hub_name, subset, split="validation"))]
-        except Exception as e:  # the library raises many kinds; one line is enough
-            raise SystemExit(f"error: --{name.replace('_', '-')} {source}: cannot load ({str(e).splitlines()[0]})")
-    items = []
-    for where, r in rows:
-        try:
-            if name == "arc_easy":
-                labels, texts = r["choices"]["label"], r["choices"]["text"]
-                items.append((f"Question: {r['question']}\nAnswer:", [f" {t}" for t in texts],
-                              labels.index(r["answerKey"])))
-            else:
-                answer = int(r["answer"])
-                if not 0 <= answer < len(r["choices"]):
-                    raise ValueError(f"answer {answer} out of range")
-                items.append((f"Question: {r['question']}\nAnswer:", [f" {t}" for t in r["choices"]], answer))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SystemExit(f"error: {where}: not a {name} item ({type(e).__name__}: {e})")
-    if not items:
-        raise SystemExit(f"error: {source}: no {name} items")
-    return items
-
-
-def choice_rows(tokenizer, items, cutoff):
-    """One (ids, labels) row per (question, choice): the context unscored, the continuation scored;
-    the context keeps its end when the row is longer than cutoff."""
-    rows, owners = [], []
-    for q, (context, choices, _) in enumerate(items):
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        for choice in choices:
-            cont = tokenizer(choice, add_special_tokens=False)["input_ids"][:cutoff - 1]
-            ctx_kept = ctx[max(len(ctx) - (cutoff - len(cont)), 0):]
-            rows.append((ctx_kept + cont, [IGNORE] * len(ctx_kept) + cont))
-            owners.append(q)
-    return rows, owners
-
-
-def multiple_choice(policy, tokenizer, items, cutoff, batch_size, bench, with_frozen=True):
-    """acc and acc_norm (by continuation bytes) of each policy (and of pi1 unless with_frozen=False)."""
-    rows, _ = choice_rows(tokenizer, items, cutoff)
-    result = {}
-    for name, o in run_batches(policy, rows, tokenizer.pad_token_id, batch_size, bench, with_frozen).items():
-        scores = {}
-        k = 0
-        for q, (_, choices, _) in enumerate(items):
-            ll = o["logp"][k:k + len(choices)]
-            scores[q] = (ll, [x / len(c.encode("utf-8")) for x, c in zip(ll, choices)])
-            k += len(choices)
-        acc = sum(max(range(len(ll)), key=ll.__getitem__) == items[q][2] for q, (ll, _) in scores.items())
-        acc_norm = sum(max(range(len(ln)), key=ln.__getitem__) == items[q][2] for q, (_, ln) in scores.items())
-        result[name] = {f"{bench}/acc": acc / len(items), f"{bench}/acc_norm": acc_norm / len(items),
-                        f"{bench}/n": len(items)}
-    return result
 
 
 # ------------------------------------------------------------------------------------------------

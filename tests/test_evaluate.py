@@ -1,5 +1,5 @@
-"""evaluate.py: the evaluation math on tiny models, the benchmark readers and scoring, and a tiny
-end-to-end run over a Q-Adapter and a LoRA checkpoint."""
+"""evaluate.py: the evaluation math on tiny models, the benchmarks through lm-eval under each kind of
+policy, and a tiny end-to-end run over a Q-Adapter and a LoRA checkpoint."""
 import json
 
 import pytest
@@ -38,73 +38,38 @@ def q_adapter(tokenizer, alpha0=1.0, alpha_tilde=1.0, zero=True, seed=0):
     return M.QAdapter(base, head.eval()), config
 
 
-def test_readers_take_the_hugging_face_layouts(files):
-    arc = E.read_benchmark("arc_easy", files["arc"])
-    assert arc[0] == ("Question: What is 1 + 1?\nAnswer:", [" two", " seven", " a cat"], 0)
-    assert arc[1][2] == 1  # answerKey "2" is the second label
-    mmlu = E.read_benchmark("mmlu", files["mmlu"])
-    assert mmlu == [("Question: Water boils at sea level at\nAnswer:", [" 100 C", " 10 C", " 0 C", " 1000 C"], 0)]
+def arc_and_mmlu(files):
+    """The older flags' local tasks on the tiny files: 2 ARC-Easy questions, 1 MMLU question."""
+    return E.Benchmarks(["arc_easy_local", "mmlu_local"], {"arc_easy_local": files["arc"], "mmlu_local": files["mmlu"]},
+                        None, 0, None, None)
+
+
+def test_questions_are_evenly_spaced():
     assert E.evenly_spaced(list(range(10)), 3) == [0, 3, 6]
+    assert E.evenly_spaced(list(range(4)), 0) == [0, 1, 2, 3]  # 0: all
 
 
-def test_a_bad_benchmark_row_is_named(tmp_path):
-    bad = write_jsonl(tmp_path / "arc.jsonl", [ARC_ROWS[0], {"question": "x", "choices": {"text": ["a"], "label": ["A"]},
-                                                             "answerKey": "Z"}])
-    with pytest.raises(SystemExit, match=r"error: arc.jsonl:2: not a arc_easy item"):
-        E.read_benchmark("arc_easy", bad)
-    with pytest.raises(SystemExit, match="no such file"):
-        E.read_benchmark("mmlu", str(tmp_path / "missing.jsonl"))
-
-
-def test_choice_rows_score_only_the_continuation(tokenizer):
-    rows, owners = E.choice_rows(tokenizer, [("Question: Hi?\nAnswer:", [" yes", " no way"], 0)], 64)
-    assert owners == [0, 0]
-    for (ids, labels), choice in zip(rows, [" yes", " no way"]):
-        scored = [t for t, l in zip(ids, labels) if l != -100]
-        assert tokenizer.decode(scored) == choice
-        assert tokenizer.decode(ids) == "Question: Hi?\nAnswer:" + choice
-
-
-class ConstantPolicy(E.FrozenPolicy):
-    """log pi = −1 nat for every response token: the log-likelihood of a choice is −(its tokens)."""
-
-    def __init__(self):
-        self.base, self.names, self.kind, self.name = torch.nn.Linear(1, 1), [], "frozen", "constant"
-
-    def _score(self, ids, mask, states, labels, with_frozen=True):
-        token_logp = -(labels[:, 1:] != -100).float()  # (B, W-1)
-        return {"frozen": (token_logp, torch.zeros_like(token_logp), token_logp.sum(-1))}
-
-
-def test_acc_and_acc_norm_by_hand(tokenizer):
-    """acc picks the largest summed log-likelihood, acc_norm the largest per UTF-8 byte."""
-    long = " internationalization"
-    n_long = len(tokenizer(long, add_special_tokens=False)["input_ids"])
-    assert n_long > 1 and len(tokenizer(" a", add_special_tokens=False)["input_ids"]) == 1
-    # " a": −1 over 2 bytes = −0.5 per byte; long: −n over 21 bytes, better per byte
-    items = [("Question: q\nAnswer:", [" a", long], 1)]
-    r = E.multiple_choice(ConstantPolicy(), tokenizer, items, 64, 8, "b")["frozen"]
-    assert r["b/acc"] == 0.0 and r["b/acc_norm"] == 1.0
-
-
-def test_a_known_answer_is_scored_right():
-    """The embedded SmolLM2 picks the obvious answer, by both acc and acc_norm."""
+def test_a_known_answer_is_scored_right(tmp_path):
+    """The embedded SmolLM2 picks the obvious answer, by both acc and acc_norm, through lm-eval."""
     base, tok = loading.load_base(loading.EMBEDDED)
-    items = [("Question: What colour is the sky on a clear day?\nAnswer:", [" green", " blue", " loud", " seventeen"], 1),
-             ("Question: How many legs does a dog have?\nAnswer:", [" four", " nine", " purple", " none"], 0)]
-    r = E.multiple_choice(E.FrozenPolicy(base), tok, items, 64, 8, "known")["frozen"]
-    assert r["known/acc"] == 1.0 and r["known/acc_norm"] == 1.0
+    rows = [{"id": "sky", "question": "What colour is the sky on a clear day?",
+             "choices": {"text": ["green", "blue", "loud", "seventeen"], "label": list("ABCD")}, "answerKey": "B"},
+            {"id": "dog", "question": "How many legs does a dog have?",
+             "choices": {"text": ["four", "nine", "purple", "none"], "label": list("ABCD")}, "answerKey": "A"}]
+    arc = write_jsonl(tmp_path / "known.jsonl", rows)
+    benchmarks = E.Benchmarks(["arc_easy_local"], {"arc_easy_local": arc}, None, 0, None, None)
+    r = benchmarks.score(E.FrozenPolicy(base), tok, {"frozen"}, 8)["frozen"]
+    assert r["arc_easy_local/acc"] == 1.0 and r["arc_easy_local/acc_norm"] == 1.0 and r["arc_easy_local/n"] == 2
 
 
 def test_policy_identical_to_the_frozen_model_has_kl_0_and_the_same_scores(tokenizer, files):
     """A zero head with α0 = α̃ (and α0 = α̃ = 3 in a decode-time sweep: pi~ ∝ pi1·exp(0/3)) is pi1."""
     adapter, config = q_adapter(tokenizer)
     policy = E.QAdapterPolicy(adapter, config, [(1.0, 1.0), (3.0, 3.0)], "qa")
-    items = E.read_benchmark("arc_easy", files["arc"]) + E.read_benchmark("mmlu", files["mmlu"])
-    mc = E.multiple_choice(policy, tokenizer, items, 64, 3, "mc")
-    frozen = E.multiple_choice(E.FrozenPolicy(adapter.base), tokenizer, items, 64, 5, "mc")["frozen"]
-    for name in ("qa α0=1", "qa α0=3", "frozen"):
-        assert mc[name] == frozen
+    mc = arc_and_mmlu(files).score(policy, tokenizer, {"qa α0=1", "qa α0=3", "frozen"}, 3)
+    for name in ("qa α0=1", "qa α0=3"):
+        assert mc[name] == mc["frozen"]
+    assert mc["frozen"]["arc_easy_local/n"] == 2 and mc["frozen"]["mmlu_local/n"] == 1
     pairs = E.held_out_pairs(files["pairs"], {}, 0)
     kl = E.kl_to_frozen(policy, tokenizer, pairs, 64, 4)
     assert kl["qa α0=1"]["kl"] == pytest.approx(0.0, abs=1e-6) and kl["qa α0=3"]["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -142,10 +107,8 @@ def test_lora_policy_at_init_is_the_frozen_model(tokenizer, tiny_path, files):
     pairs = E.held_out_pairs(files["pairs"], {}, 0)
     kl = E.kl_to_frozen(policy, tokenizer, pairs, 64, 4)
     assert kl["dpo"]["kl"] == pytest.approx(0.0, abs=1e-6)
-    mc = E.multiple_choice(policy, tokenizer, E.read_benchmark("arc_easy", files["arc"]), 64, 4, "arc")
-    assert mc["dpo"] == mc["frozen"]
-    alone = E.multiple_choice(policy, tokenizer, E.read_benchmark("arc_easy", files["arc"]), 64, 4, "arc", False)
-    assert alone == {"dpo": mc["dpo"]}  # without the adapter-disabled pass
+    mc = arc_and_mmlu(files).score(policy, tokenizer, {"dpo", "frozen"}, 4)
+    assert mc["dpo"] == mc["frozen"] and "arc_easy_local/acc" in mc["dpo"]
     assert E.pairwise(policy, tokenizer, pairs, 64, 4)["dpo"]["margin"] == pytest.approx(0.0, abs=1e-5)
 
 
@@ -190,13 +153,17 @@ def tiny_q_adapter_run(tokenizer, tiny_path, files, run_dir):
     return str(run_dir)
 
 
-def test_task_names_from_the_flags(files):
+def test_task_names_from_the_flags(files, tmp_path):
     args = E.parse_args(["--checkpoint", "x", "--tasks", "arc_easy_local, mmlu", "--arc-easy", files["arc"],
                          "--mmlu", "cais/mmlu"])
     assert args.task_names == ["arc_easy_local", "mmlu"] and args.task_files == {"arc_easy_local": files["arc"]}
     assert E.parse_args(["--checkpoint", "x", "--mmlu", ""]).task_names == []
     with pytest.raises(SystemExit, match="error: --mmlu nowhere.jsonl: no such file"):
         E.parse_args(["--checkpoint", "x", "--mmlu", "nowhere.jsonl"])
+    bad = tmp_path / "arc.jsonl"
+    bad.write_text(json.dumps(ARC_ROWS[0]) + "\n\n{\"question\": \n")
+    with pytest.raises(SystemExit, match=r"^error: --arc-easy arc.jsonl:3: invalid JSON \("):
+        E.parse_args(["--checkpoint", "x", "--arc-easy", str(bad)])  # read here: lm-eval would name no line
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "retention" / "arc_easy_validation.jsonl").is_file(),
@@ -239,10 +206,14 @@ def test_bad_arguments_fail_in_one_line(tmp_path):
 
 @pytest.mark.skipif(not (SHARED_DATA / "retention").is_dir(), reason="../shared/data/retention is not on this machine")
 def test_the_shared_retention_files_read_whole():
-    arc = E.read_benchmark("arc_easy", str(SHARED_DATA / "retention" / "arc_easy_validation.jsonl"))
-    mmlu = E.read_benchmark("mmlu", str(SHARED_DATA / "retention" / "mmlu_validation.jsonl"))
-    assert len(arc) == 570 and len(mmlu) == 1531
-    assert all(0 <= answer < len(choices) for _, choices, answer in arc + mmlu)
+    """lm-eval reads every question of the local ARC-Easy and MMLU, each with its answer among its choices."""
+    from support import lm_eval_model
+    names = ["arc_easy_local", "mmlu_local"]
+    specs = lm_eval_model.task_specs(names, data_dir=SHARED_DATA / "retention")
+    tasks = lm_eval_model.task_manager(names).load(specs)["tasks"]
+    assert {name: len(task.eval_docs) for name, task in tasks.items()} == {"arc_easy_local": 570, "mmlu_local": 1531}
+    for task in tasks.values():
+        assert all(0 <= task.doc_to_target(doc) < len(task.doc_to_choice(doc)) for doc in task.eval_docs)
 
 
 def test_judge_scorer_answers_the_held_out_queries_and_scores_style_and_loops(tokenizer, tiny_path, tmp_path,

@@ -1,5 +1,6 @@
 """Several preferences: stacking a head on a customised policy, and composing heads with weights."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import sample
 import train
 from residual_q import customised_logits
 from tests.conftest import separable_pairs, tiny_llama, write_jsonl
+from tests.test_evaluate import ARC_ROWS
 from support import cli, fused_path, loading
 from support.frozen_cache import FrozenCache
 
@@ -215,9 +217,10 @@ def test_composing_heads_of_different_bases_is_refused(runs, tokenizer, tmp_path
 def test_compose_sweep_script(runs, tmp_path):
     d, data = runs
     out = tmp_path / "sweep"
+    arc = write_jsonl(tmp_path / "arc.jsonl", ARC_ROWS)
     done = subprocess.run([sys.executable, str(ROOT / "compose.py"), "--checkpoint", str(d / "a"), "--checkpoint",
                            str(d / "c"), "--steps", "3", "--out", str(out), "--device", "cpu", "--joint", str(d / "c"),
-                           "--reference", str(d / "b")],
+                           "--reference", str(d / "b"), "--arc-easy", arc, "--mc-limit", "1"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads(out.with_suffix(".json").read_text())
@@ -238,4 +241,26 @@ def test_compose_sweep_script(runs, tmp_path):
     summary_b = json.loads((d / "b" / "summary.json").read_text())
     for column, key in (("a/margin", "eval/rewards/margins"), ("a/kl_to_frozen", "eval/kl")):
         assert table["references"]["b"][column] == pytest.approx(summary_b[key], rel=1e-4, abs=1e-6), column
-    assert "| weights |" in out.with_suffix(".md").read_text()
+    table_md = out.with_suffix(".md").read_text()
+    assert "| weights |" in table_md and "| arc_easy/acc |" in table_md.splitlines()[0]
+    # ARC-Easy through lm-eval (arc_easy_local), 1 of the 2 questions: under pi_w at each weight, the frozen model once
+    assert all(r["arc_easy/acc"] in (0.0, 1.0) for r in table["rows"]) and table["frozen"]["arc_easy/acc"] in (0.0, 1.0)
+    frozen_row = next(line for line in table_md.splitlines() if line.startswith("| frozen |"))
+    assert frozen_row.split("|")[-2].strip() == f"{table['frozen']['arc_easy/acc']:.3f}"  # the last column
+
+
+def test_compose_checks_the_arc_easy_file_up_front(tmp_path, capsys):
+    """A missing or malformed --arc-easy file is one line naming it, before any model loads."""
+    import compose
+    flags = ["--checkpoint", "a", "--checkpoint", "c", "--arc-easy"]
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps(ARC_ROWS[0]) + "\n{\"question\": \n")
+    bad_row = write_jsonl(tmp_path / "row.jsonl", [ARC_ROWS[0], {**ARC_ROWS[1], "answerKey": "Z"}])
+    for path, message in ((str(tmp_path / "missing.jsonl"), r"error: --arc-easy .*missing.jsonl: no such file"),
+                          (str(bad_json), r"error: --arc-easy bad.jsonl:2: invalid JSON \("),
+                          (bad_row, r"error: --arc-easy row.jsonl:2: not an ARC row"),
+                          ("allenai/ai2_arc", r"error: --arc-easy allenai/ai2_arc: expected an ARC-Easy .jsonl file")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(compose.main, flags + [path])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and re.match(message, err), err
