@@ -83,19 +83,12 @@ def parse_args(argv=None):
 
 def check_arc_easy(path):
     """--arc-easy, checked before any model loads: lm-eval installed, and a .jsonl of ARC rows, each
-    with its answerKey among its labels. A bad line is one error naming it; lm-eval would name no
-    line for bad JSON, and fail on a bad row only later, in a traceback."""
+    with its answerKey among its labels (evaluate.check_task_file: a bad line is one error naming it)."""
     import evaluate
     cli.check(importlib.util.find_spec("lm_eval") is not None,
               "--arc-easy needs lm_eval, which is not installed: pip install -r requirements-eval.txt")
     cli.check(path.endswith(".jsonl"), f"--arc-easy {path}: expected an ARC-Easy .jsonl file")
-    for where, row in evaluate.read_jsonl("--arc-easy", path):
-        choices = row["choices"] if isinstance(row.get("choices"), dict) else {}
-        labels, texts = choices.get("label"), choices.get("text")
-        if not ("question" in row and isinstance(texts, list) and isinstance(labels, list)
-                and row.get("answerKey") in labels):
-            raise SystemExit(f"error: --arc-easy {where}: not an ARC row (needs question, choices with text and "
-                             f"label, and answerKey among the labels)")
+    evaluate.check_task_file("--arc-easy", path, ARC_TASK)
 
 
 def name_of(path):

@@ -363,20 +363,43 @@ def task_names(args):
     for flag, local, hub in (("arc_easy", "arc_easy_local", "arc_easy"), ("mmlu", "mmlu_local", "mmlu")):
         value = getattr(args, flag)
         if value and value.endswith(".jsonl"):
-            read_jsonl(f"--{flag.replace('_', '-')}", value)
+            check_task_file(f"--{flag.replace('_', '-')}", value, local)
             names, files[local] = names + [local], value
         elif value:
             names.append(hub)
     return list(dict.fromkeys(names)), files
 
 
-def read_jsonl(flag, path):
-    """The (where, row) pairs of a local task's .jsonl, read up front: a missing file or a line that is
-    not a JSON object is one line naming it (lm-eval's own error for a bad line is a deep traceback)."""
+def _arc_row(row):
+    choices = row.get("choices") if isinstance(row.get("choices"), dict) else {}
+    return ("question" in row and isinstance(choices.get("text"), list) and isinstance(choices.get("label"), list)
+            and row.get("answerKey") in choices["label"])
+
+
+def _mmlu_row(row):
+    choices, answer = row.get("choices"), row.get("answer")
+    return ("question" in row and isinstance(choices, list) and isinstance(answer, int)
+            and 0 <= answer < len(choices))
+
+
+# what one row of a local task's file needs (tasks/*.yaml read these fields)
+ROW_CHECKS = {"arc_easy_local": (_arc_row, "an ARC row", "question, choices with text and label, and answerKey "
+                                                          "among the labels"),
+              "mmlu_local": (_mmlu_row, "an MMLU row", "question, a list of choices, and answer, an index into them")}
+
+
+def check_task_file(flag, path, task):
+    """A local task's .jsonl, read up front: a missing file, a line that is not a JSON object, or a row
+    without the fields the task reads is one line naming it (lm-eval would name no line, or fail later
+    in a traceback)."""
     try:
-        return data_files.read_rows(path)
+        rows = data_files.read_rows(path)
     except data_files.DataError as e:
         raise SystemExit(f"error: {flag} {e}")
+    ok, kind, needs = ROW_CHECKS[task]
+    for where, row in rows:
+        if not ok(row):
+            raise SystemExit(f"error: {flag} {where}: not {kind} (needs {needs})")
 
 
 class Benchmarks:

@@ -160,6 +160,16 @@ def test_task_names_from_the_flags(files, tmp_path):
     assert E.parse_args(["--checkpoint", "x", "--mmlu", ""]).task_names == []
     with pytest.raises(SystemExit, match="error: --mmlu nowhere.jsonl: no such file"):
         E.parse_args(["--checkpoint", "x", "--mmlu", "nowhere.jsonl"])
+
+
+def test_a_local_task_file_with_a_bad_row_is_named_before_anything_loads(tmp_path):
+    mmlu = write_jsonl(tmp_path / "mmlu.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0},
+                                                 {"question": "q", "choices": ["a", "b"], "answer": 2}])
+    with pytest.raises(SystemExit, match=r"error: --mmlu mmlu.jsonl:2: not an MMLU row \(needs question"):
+        E.parse_args(["--checkpoint", "x", "--mmlu", mmlu])
+    arc = write_jsonl(tmp_path / "arc.jsonl", [{**ARC_ROWS[0], "answerKey": "Z"}])
+    with pytest.raises(SystemExit, match=r"error: --arc-easy arc.jsonl:1: not an ARC row"):
+        E.parse_args(["--checkpoint", "x", "--arc-easy", arc])
     bad = tmp_path / "arc.jsonl"
     bad.write_text(json.dumps(ARC_ROWS[0]) + "\n\n{\"question\": \n")
     with pytest.raises(SystemExit, match=r"^error: --arc-easy arc.jsonl:3: invalid JSON \("):
