@@ -20,7 +20,7 @@ for both methods (SFT does not train on it; it is the same yardstick).
 
 Writes to --out-dir: metrics.jsonl, summary.json, and checkpoint/ = adapter_model.safetensors +
 adapter_config.json (peft's format) + config.json ({"method": "dpo" | "sft", "base_model", ...}).
-The Q-head flags (--head-*, --alpha0, --alpha-tilde, --gamma, --beta, --cache-gb) are ignored here.
+The Q-head flags (--head-*, --alpha0, --alpha-tilde, --gamma, --beta, --nll, --cut, --cache-gb) are ignored here.
 """
 import json
 import math

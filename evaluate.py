@@ -103,16 +103,16 @@ class FrozenPolicy:
         return torch.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
-    def score(self, ids, mask, labels):
-        """ids, mask, labels: (B, T), right-padded. Returns {policy name: (token_logp, kl, ret)} with
+    def score(self, ids, mask, labels, cut):
+        """ids, mask, labels: (B, T), right-padded; cut (B,): the rows whose response was cut at the cutoff. Returns {policy name: (token_logp, kl, ret)} with
         token_logp, kl (B, W-1) and ret (B,) the policy's implicit return, and "frozen" for pi1."""
         n = int(mask.sum(-1).max())  # columns that are padding in every row are skipped
         ids, mask, labels = ids[:, :n], mask[:, :n], labels[:, :n]
         states, window_labels = scored_states(labels)  # (B, W)
-        out = self._score(ids, mask, states, window_labels)
+        out = self._score(ids, mask, states, window_labels, cut)
         return out, window_labels
 
-    def _score(self, ids, mask, states, labels):
+    def _score(self, ids, mask, states, labels, cut):
         logp1 = self.window_logp1(ids, mask, states)  # (B, W, V)
         token_logp, kl = token_stats(logp1, logp1, labels)
         return {"frozen": (token_logp, kl, token_logp.sum(-1))}
@@ -136,7 +136,7 @@ class QAdapterPolicy(FrozenPolicy):
         trained = (alpha0, alpha_tilde) == (self.config["alpha0"], self.config["alpha_tilde"])
         return self.name if trained and len(self.alphas) == 1 else f"{self.name} α0={alpha0:g}"
 
-    def _score(self, ids, mask, states, labels):
+    def _score(self, ids, mask, states, labels, cut):
         q_r, logp1, *_ = self.adapter(ids, mask, states)  # (B, W, V) each
         # a head stacked on earlier heads customises their policy (model.QAdapter.prior): its log pi1
         # is then not the base model's, which the frozen row and the KL are about
@@ -144,10 +144,11 @@ class QAdapterPolicy(FrozenPolicy):
         token_logp1, _ = token_stats(base_logp, base_logp, labels)
         out = {"frozen": (token_logp1, torch.zeros_like(token_logp1), token_logp1.sum(-1))}
         gamma = self.config.get("gamma", 1.0)
+        cut = cut if self.config.get("cut", "terminal") == "bootstrap" else None  # train.py --cut
         for (alpha0, alpha_tilde), name in zip(self.alphas, self.names):
             logp = torch.log_softmax((q_r + alpha0 * logp1) / alpha_tilde, dim=-1)  # (B, W, V) pi~
             v = soft_value(q_r, logp1, alpha0, alpha_tilde)  # (B, W)
-            r2 = derived_reward(gather_actions(q_r, labels), v, labels, gamma)  # (B, W-1)
+            r2 = derived_reward(gather_actions(q_r, labels), v, labels, gamma, cut)  # (B, W-1)
             out[name] = (*token_stats(logp, base_logp, labels), response_return(r2, labels))  # R(x, y)
         return out
 
@@ -171,7 +172,7 @@ class LoraPolicy(FrozenPolicy):
         return {"frozen": CausalLMPolicy(self.base, adapter_off=self.peft_model.disable_adapter),
                 self.name: CausalLMPolicy(self.base)}  # the base with its LoRA layers: pi
 
-    def _score(self, ids, mask, states, labels):
+    def _score(self, ids, mask, states, labels, cut):
         logp = self.window_logp1(ids, mask, states)  # (B, W, V) with the adapter: pi
         with self.peft_model.disable_adapter():
             logp1 = self.window_logp1(ids, mask, states)  # (B, W, V) without: pi1
@@ -262,15 +263,16 @@ def distinct_prompts(pairs):
 
 
 def pad_rows(rows, pad_id):
-    """rows: list of (ids, labels) lists -> right-padded input_ids, attention_mask, labels: (N, T)."""
-    T = max(len(ids) for ids, _ in rows)
+    """rows: list of (ids, labels, cut) -> right-padded input_ids, attention_mask, labels: (N, T), and
+    cut (N,) bool: whether the row's response was cut at the cutoff (data.tokenize_pair)."""
+    T = max(len(ids) for ids, _, _ in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(rows):
+    for i, (row_ids, row_labels, _) in enumerate(rows):
         ids[i, :len(row_ids)], mask[i, :len(row_ids)] = torch.tensor(row_ids), 1
         labels[i, :len(row_labels)] = torch.tensor(row_labels)
-    return ids, mask, labels
+    return ids, mask, labels, torch.tensor([cut for _, _, cut in rows])
 
 
 def held_out_pairs(source, config, limit):
@@ -295,16 +297,16 @@ def evenly_spaced(items, limit):
 
 
 def run_batches(policy, rows, pad_id, batch_size, desc):
-    """Scores rows (list of (ids, labels)) in batches: {name: (token_logp list, kl sum, kl tokens, returns)}
+    """Scores rows (list of (ids, labels, cut)) in batches: {name: (token_logp list, kl sum, kl tokens, returns)}
     with per-row response log-likelihoods and returns."""
     out = {}
     # longest first, so that batches hold rows of similar length (less padding)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
         idx = order[start:start + batch_size]
-        ids, mask, labels = pad_rows([rows[i] for i in idx], pad_id)
+        ids, mask, labels, cut = pad_rows([rows[i] for i in idx], pad_id)
         device = next(policy.base.parameters()).device
-        scores, window_labels = policy.score(ids.to(device), mask.to(device), labels.to(device))
+        scores, window_labels = policy.score(ids.to(device), mask.to(device), labels.to(device), cut.to(device))
         _, response = next_tokens(window_labels)  # (B, W-1)
         for name, (token_logp, kl, ret) in scores.items():
             o = out.setdefault(name, {"logp": [0.0] * len(rows), "ret": [0.0] * len(rows), "kl": 0.0, "tokens": 0})
@@ -320,8 +322,8 @@ def pairwise(policy, tokenizer, pairs, cutoff, batch_size):
     share of pairs whose chosen answer the policy itself makes likelier (log pi(y_w|x) > log pi(y_l|x)),
     a yardstick common to all methods that moves only when the policy does."""
     examples = [e for e in (data.tokenize_pair(tokenizer, p, cutoff) for p in pairs) if e is not None]
-    rows = [(e["chosen_ids"], e["chosen_labels"]) for e in examples] + \
-           [(e["rejected_ids"], e["rejected_labels"]) for e in examples]
+    rows = [(e["chosen_ids"], e["chosen_labels"], e["chosen_cut"]) for e in examples] + \
+           [(e["rejected_ids"], e["rejected_labels"], e["rejected_cut"]) for e in examples]
     n = len(examples)
     result = {}
     for name, o in run_batches(policy, rows, tokenizer.pad_token_id, batch_size, "pairs").items():
@@ -335,7 +337,7 @@ def pairwise(policy, tokenizer, pairs, cutoff, batch_size):
 def kl_to_frozen(policy, tokenizer, pairs, cutoff, batch_size):
     """Mean per-token KL(pi ‖ pi1), teacher-forced on the chosen responses of pairs."""
     examples = [e for e in (data.tokenize_pair(tokenizer, p, cutoff) for p in pairs) if e is not None]
-    rows = [(e["chosen_ids"], e["chosen_labels"]) for e in examples]
+    rows = [(e["chosen_ids"], e["chosen_labels"], e["chosen_cut"]) for e in examples]
     out = run_batches(policy, rows, tokenizer.pad_token_id, batch_size, "KL")
     return {name: {"kl": o["kl"] / max(o["tokens"], 1), "kl_tokens": o["tokens"]} for name, o in out.items()}
 

@@ -58,13 +58,14 @@ def ranked(tokenizer, order_by, logratio, logp, logp1, keep, k):
 
 
 @torch.no_grad()
-def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_p=0.0):
-    """batch: {"input_ids", "attention_mask", "labels"}: (B, T) as data.collate makes them.
+def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_p=0.0, bootstrap=False):
+    """batch: {"input_ids", "attention_mask", "labels"}: (B, T) as data.collate makes them, and its
+    "cut" (B,); bootstrap: a response cut at the cutoff is valued after its last token (train.py --cut).
 
     Returns one dict per row: "tokens", a list with one dict per response token (id, text, r2, q,
     v_next, logratio, logp, logp1, raised, lowered), and the totals: return (Σ r2, as
     residual_q.response_return sums it), sum_r2 (the per-token values summed in Python), telescoped
-    (α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0)), logp, logp1, v0. Plain Python numbers only.
+    (α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0), and − V(s_T) for a bootstrapped cut), logp, logp1, v0. Plain Python numbers only.
     raised / lowered: up to top_k tokens a with log pi~(a|s) − log pi1(a|s) > 0 / < 0, the largest / smallest
     first, among those with pi~(a|s) or pi1(a|s) >= min_p (0: the whole vocabulary)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (B, T)
@@ -72,11 +73,14 @@ def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_
     q_r, logp1 = q_r.float(), logp1.float()
     v = soft_value(q_r, logp1, alpha0, alpha_tilde)  # (B, T) V(s_t)
     q_sa = gather_actions(q_r, labels)  # (B, T-1) Q_R(s_t, a_t)
-    r2 = derived_reward(q_sa, v, labels, gamma)  # (B, T-1) r2 = Q_R(s_t, a_t) − γ·V(s_{t+1})
+    cut = batch["cut"] if bootstrap else None  # (B,) rows whose last state is not terminal
+    r2 = derived_reward(q_sa, v, labels, gamma, cut)  # (B, T-1) r2 = Q_R(s_t, a_t) − γ·V(s_{t+1})
     ret = response_return(r2, labels)  # (B,) R(x, y) = Σ_t r2
     actions, scored = next_tokens(labels)  # (B, T-1) a_t, and whether it is a response token
-    v_next = torch.zeros_like(q_sa)  # (B, T-1) V(s_{t+1}): what derived_reward subtracts, 0 when terminal
-    v_next[:, :-1] = v[:, 1:-1] * scored[:, 1:]  # s_{t+1} is terminal unless a_{t+1} is a response token
+    live = torch.zeros_like(scored)  # (B, T-1) is s_{t+1} non-terminal? when a_{t+1} is a response token,
+    live[:, :-1] = scored[:, 1:]  # or after the last token of a bootstrapped cut
+    live = live | (scored & cut[:, None]) if cut is not None else live
+    v_next = v[:, 1:] * live  # (B, T-1) V(s_{t+1}): what derived_reward subtracts, 0 when terminal
     logits = customised_logits(q_r, logp1, alpha0, alpha_tilde)  # (B, T, V) (Q_R + α0·log pi1) / α̃
     logp = torch.log_softmax(logits, dim=-1)  # (B, T, V) log pi~(·|s)
     logratio = logp - logp1  # (B, T, V) log pi~ − log pi1: > 0 where the head raised a token
@@ -88,6 +92,9 @@ def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_
     first = scored.int().argmax(-1)  # (B,) s_0, the state before the first response token
     v0 = v.gather(1, first[:, None]).squeeze(1)  # (B,) V(s_0)
     telescoped = alpha_tilde * logp_y - alpha0 * logp1_y + v0  # (B,) equals R when γ = 1
+    if cut is not None:
+        last = scored.shape[1] - scored.flip(-1).int().argmax(-1)  # (B,) s_T, the state after the last token
+        telescoped = telescoped - v.gather(1, last[:, None]).squeeze(1) * cut  # − V(s_T) where bootstrapped
 
     rows = []
     for b in range(ids.shape[0]):
@@ -349,7 +356,8 @@ def main(argv=None):
         prompt, answers = read_pair(args.pairs, args.index)
         names = ["chosen", "rejected"]
     adapter, tok, alpha0, alpha_tilde = load_policy(args)
-    gamma = args.gamma if args.gamma is not None else loading.read_config(args.checkpoint[0])[0].get("gamma", 1.0)
+    config = loading.read_config(args.checkpoint[0])[0]
+    gamma = args.gamma if args.gamma is not None else config.get("gamma", 1.0)
     if not args.pairs:
         prompt = [{"role": "user", "content": args.prompt}]
         if args.generate:
@@ -361,7 +369,8 @@ def main(argv=None):
             answers = args.answer
             names = ["answer"] if len(answers) == 1 else ["answer 1", "answer 2"]
     batch = encode(tok, prompt, answers, args.cutoff)
-    rows = explain(adapter, tok, batch, alpha0, alpha_tilde, gamma, args.top_k, args.min_p)
+    rows = explain(adapter, tok, batch, alpha0, alpha_tilde, gamma, args.top_k, args.min_p,
+                   bootstrap=config.get("cut", "terminal") == "bootstrap")
     prompt_text = "\n".join(m["content"] for m in prompt)
     print(f"prompt: {prompt_text}")
     show_terminal(rows, names, alpha0, alpha_tilde, gamma, color=sys.stdout.isatty() and not args.no_color)

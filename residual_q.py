@@ -10,6 +10,7 @@ token, s_{t+1} = s_t ⊕ a_t. The head gives Q_R(s, ·) and the frozen model giv
   scored_states      the window of states that take a response action (all the loss needs)
   gather_actions     x(s_t, a_t) for every state, e.g. Q_R(s_t, a_t) or log pi1(a_t | s_t)
   derived_reward     r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}),  V = 0 after the last response token
+                     (after a response cut at the cutoff: V = 0 too, or V bootstrapped there)
   response_return    R(x, y) = Σ_t r2(s_t, a_t) over the response tokens only
   response_logprob   log p(y|x) = Σ_t log p(a_t|s_t) over the response tokens (for the identity below)
   action_logprob     log pi~(a_t|s_t) = (Q_R(s_t,a_t) + α0·log pi1(a_t|s_t) − V(s_t)) / α̃, from the same scores
@@ -17,7 +18,10 @@ token, s_{t+1} = s_t ⊕ a_t. The head gives Q_R(s, ·) and the frozen model giv
 
 With γ = 1 the sum telescopes (the identity tests/test_residual_q.py checks):
   R(x, y) = α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0)
-so a difference of returns is a DPO-style log-ratio of pi~ against the frozen model. α0 = λ·α1 is
+so a difference of returns is a DPO-style log-ratio of pi~ against the frozen model. A response cut
+at the cutoff and bootstrapped there has − V(s_T) besides, the value of the state after its last
+token: a number the policy does not fix (adding a constant to Q_R(s_T, ·) moves V(s_T) and leaves
+pi~ as it is), which the loss can then move instead of the policy. α0 = λ·α1 is
 the weight on the frozen model (the official code's alpha_0); with Q_R = 0 and α0 = α̃, pi~ = pi1.
 """
 import torch
@@ -74,16 +78,21 @@ def gather_actions(x, labels):
     return picked * mask
 
 
-def derived_reward(q_sa, v, labels, gamma):
+def derived_reward(q_sa, v, labels, gamma, cut=None):
     """r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}) (inverse soft Bellman equation), (B, T-1).
 
     q_sa: (B, T-1) Q_R(s_t, a_t), as gather_actions(q_r, labels) gives it; v: (B, T) V(s_t), as
     soft_value gives it. s_{t+1} is described by position t+1. It is terminal (V = 0) when a_t is
     the last response token: the end of the sequence, EOS, or a truncated response (the data stops
-    there)."""
+    there). cut: (B,) bool or None, the rows whose response was cut at the cutoff before it ended
+    (data.collate's "cut"); their last state is then not terminal but bootstrapped: the last
+    token's reward subtracts γ·V of the state after it, as every other token's does (train.py
+    --cut bootstrap)."""
     _, mask = next_tokens(labels)  # (B, T-1)
     next_scored = torch.zeros_like(mask)
     next_scored[:, :-1] = mask[:, 1:]  # is a_{t+1} a response token, i.e. is s_{t+1} non-terminal?
+    if cut is not None:
+        next_scored = next_scored | (mask & cut[:, None])  # a cut response goes on after its last token
     v_next = v[:, 1:] * next_scored  # (B, T-1)
     return (q_sa - gamma * v_next) * mask
 

@@ -107,6 +107,11 @@ def build_parser(description=__doc__):
                    help="weight λ of an extra term, λ·(−mean log pi~(a_t|s_t)) over the chosen answers' tokens, so "
                         "that pi~ learns to write them, not only to rank them (0: the paper's loss; DPO with "
                         "this term is RPO, Pang et al. 2024)")
+    a.add_argument("--cut", default="terminal", choices=["terminal", "bootstrap"],
+                   help="a response cut at --cutoff before its end: terminal treats its last state as the end "
+                        "(V = 0 there, as after EOS: R is then the log-ratio of the prefix, as DPO scores it); "
+                        "bootstrap subtracts γ·V of that state from its last token's reward, as everywhere else "
+                        "in the response (residual_q.derived_reward; docs/results.md measures both)")
     a.add_argument("--path", default="fused", choices=["fused", "plain"],
                    help="how Q_R and log pi1 reach the loss: plain builds them over the whole vocabulary and "
                         "applies residual_q.py as written (the reference); fused gets the same numbers without "
@@ -206,6 +211,13 @@ class Scores(NamedTuple):
     logp1_sa: torch.Tensor  # (2B, T-1) log pi1(a_t | s_t)
     kl: torch.Tensor | None  # (2B, T-1) KL(pi~ ‖ pi1) at s_t (evaluation only)
     labels: torch.Tensor  # (2B, T) IGNORE except at the response tokens
+    cut: torch.Tensor | None  # (2B,) bool: rows whose last state is bootstrapped (--cut bootstrap), else None
+
+
+def bootstrapped_rows(batch, args):
+    """(2B,) bool, the rows cut at the cutoff, when --cut bootstrap values the state after their last
+    token (residual_q.derived_reward); None when every last state is terminal (--cut terminal)."""
+    return batch["cut"] if args.cut == "bootstrap" else None
 
 
 def scores_plain(adapter, batch, args, with_kl=False):
@@ -218,7 +230,7 @@ def scores_plain(adapter, batch, args, with_kl=False):
     kl = None
     if with_kl:  # (2B, T-1) KL(pi~ ‖ pi1) at the states that take a response action
         kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1] * next_tokens(labels)[1]
-    return Scores(q_sa, v, logp1_sa, kl, labels)
+    return Scores(q_sa, v, logp1_sa, kl, labels, bootstrapped_rows(batch, args))
 
 
 def scores(adapter, batch, keys, cache, args, with_kl=False):
@@ -226,14 +238,15 @@ def scores(adapter, batch, keys, cache, args, with_kl=False):
     then describe the window), from cached frozen outputs where kept (support/fused_path.py)."""
     if args.path == "plain":
         return scores_plain(adapter, batch, args, with_kl)
-    return Scores(*fused_path.pair_scores(adapter, batch, keys, cache, args.alpha0, args.alpha_tilde, with_kl))
+    s = fused_path.pair_scores(adapter, batch, keys, cache, args.alpha0, args.alpha_tilde, with_kl)
+    return Scores(*s, bootstrapped_rows(batch, args))
 
 
 def batch_loss(adapter, batch, keys, cache, args):
     """The Bradley–Terry loss of one batch (plus --nll times the chosen answers' NLL under pi~); keys
     name its pairs for the frozen-output cache."""
     s = scores(adapter, batch, keys, cache, args)
-    r2 = derived_reward(s.q_sa, s.v, s.labels, args.gamma)  # (2B, T-1) r2(s_t, a_t) = Q_R − γ·V(s_{t+1})
+    r2 = derived_reward(s.q_sa, s.v, s.labels, args.gamma, s.cut)  # (2B, T-1) r2(s_t, a_t) = Q_R − γ·V(s_{t+1})
     loss, metrics = bt_loss(r2, s.labels, args.beta)  # −log σ(R(y_w) − R(y_l)) + β·mean r2²
     if args.nll > 0:
         logp = action_logprob(s.q_sa, s.logp1_sa, s.v, s.labels, args.alpha0, args.alpha_tilde)  # (2B, T-1)
@@ -253,7 +266,7 @@ def evaluate(adapter, test_set, cache, args, device, collate):
         idx = list(range(start, min(start + args.batch_size, len(test_set))))
         batch = {k: v.to(device) for k, v in collate([test_set[i] for i in idx]).items()}
         s = scores(adapter, batch, [("test", i) for i in idx], cache, args, with_kl=True)
-        _, metrics = bt_loss(derived_reward(s.q_sa, s.v, s.labels, args.gamma), s.labels, args.beta)
+        _, metrics = bt_loss(derived_reward(s.q_sa, s.v, s.labels, args.gamma, s.cut), s.labels, args.beta)
         _, mask = next_tokens(s.labels)  # (2B, T-1) response tokens
         kl_sum, kl_tokens = kl_sum + float(s.kl.sum()), kl_tokens + int(mask.sum())
         frozen_chosen, frozen_rejected = s.logp1_sa.sum(-1).chunk(2)  # log pi1(y|x) of each response

@@ -36,6 +36,14 @@ def action_window(labels):
     return states, window_labels, actions, valid
 
 
+def with_last_states(acting):
+    """acting (2B, W), the states that take an action -> (2B, W): plus each row's state after its last
+    response token. It takes no action, but a response cut at the cutoff and bootstrapped there
+    reads its V (residual_q.derived_reward, train.py --cut bootstrap); one state more per row."""
+    after = torch.arange(acting.shape[1], device=acting.device) == acting.sum(-1, keepdim=True)  # (2B, W)
+    return acting | after
+
+
 def fused_scores(adapter, input_ids, attention_mask, states, actions, valid, alpha0, alpha_tilde, hidden=None,
                  logz1=None):
     """Q_R(s, a), log pi1(a|s) and V(s) at the states (B, W), with actions (B, W) the token taken in
@@ -97,11 +105,13 @@ def frozen_hidden(adapter, ids, mask, width):
 def pair_scores(adapter, batch, keys, cache, alpha0, alpha_tilde, with_kl=False):
     """batch: data.collate output on the model's device (2B sequences, chosen first); keys name its
     pairs for the cache. Returns (q_sa, v, logp1_sa, kl, window_labels) as the plain path gives them
-    (train.scores_plain), on the scored window: q_sa, logp1_sa (2B, W-1), v, window_labels (2B, W),
-    kl (2B, W-1) KL(pi~ ‖ pi1) at each scored state (with_kl), else None."""
+    (train.scores_plain), on the scored window: q_sa, logp1_sa (2B, W-1), v, window_labels (2B, W)
+    (V after the last response token included), kl (2B, W-1) KL(pi~ ‖ pi1) at each scored state
+    (with_kl), else None."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     rows = [(k, "chosen") for k in keys] + [(k, "rejected") for k in keys]
-    states, window_labels, actions, valid = action_window(labels)  # (2B, W) each
+    states, window_labels, actions, acting = action_window(labels)  # (2B, W) each
+    valid = with_last_states(acting)  # (2B, W) the states whose V is computed
     hidden, logz1 = cache.get(rows, mask, states.shape[1])
     if hidden is None:  # the chosen and the rejected rows separately, each cut to its own length
         hidden = torch.cat([frozen_hidden(adapter, i, m, mask.shape[1])
@@ -109,11 +119,12 @@ def pair_scores(adapter, batch, keys, cache, alpha0, alpha_tilde, with_kl=False)
     q_sa, logp1_sa, v, hidden, logz1 = fused_scores(adapter, ids, mask, states, actions, valid, alpha0,
                                                     alpha_tilde, hidden, logz1)  # (2B, W) each
     cache.put(rows, hidden, mask, logz1, window_labels)
+    q_sa, logp1_sa = q_sa * acting, logp1_sa * acting  # the state after the last token takes no action
     kl = None
     if with_kl:
-        x_tilde, x1 = directions(adapter, hidden, mask, states, valid, alpha0, alpha_tilde, ids)  # (N, D) each
+        x_tilde, x1 = directions(adapter, hidden, mask, states, acting, alpha0, alpha_tilde, ids)  # (N, D) each
         kl = torch.zeros_like(v)  # (2B, W)
-        kl[valid] = projected_kl(x_tilde, x1, adapter.out_weight)
+        kl[acting] = projected_kl(x_tilde, x1, adapter.out_weight)
         kl = kl[:, :-1]
     return q_sa[:, :-1], v, logp1_sa[:, :-1], kl, window_labels
 

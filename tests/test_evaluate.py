@@ -80,21 +80,25 @@ def test_policy_identical_to_the_frozen_model_has_kl_0_and_the_same_scores(token
     assert pw["qa α0=1"]["likelihood_accuracy"] == pw["frozen"]["likelihood_accuracy"]
 
 
-def test_a_nonzero_head_has_positive_kl_and_its_own_return(tokenizer, files):
+@pytest.mark.parametrize("cut", ["terminal", "bootstrap"])
+def test_a_nonzero_head_has_positive_kl_and_its_own_return(tokenizer, files, cut):
     adapter, config = q_adapter(tokenizer, zero=False)
-    policy = E.QAdapterPolicy(adapter, config, [(1.0, 1.0)], "qa")
+    policy = E.QAdapterPolicy(adapter, {**config, "cut": cut}, [(1.0, 1.0)], "qa")  # cut: train.py --cut
     pairs = E.held_out_pairs(files["pairs"], {}, 0)
     assert E.kl_to_frozen(policy, tokenizer, pairs, 64, 4)["qa"]["kl"] > 1e-3
     # the pairwise margin is R(y_w) − R(y_l), computed here from the residual_q functions directly
     from data import collate, tokenize_pair
     from residual_q import derived_reward, gather_actions, response_return, soft_value
-    batch = collate([tokenize_pair(tokenizer, p, 64) for p in pairs], tokenizer.pad_token_id)
+    pairs = [data.Pair(p.prompt, "Yes, I like that. " * i + "Yes.", p.rejected, p.where) for i, p in enumerate(pairs)]
+    batch = collate([tokenize_pair(tokenizer, p, 40) for p in pairs], tokenizer.pad_token_id)
+    assert batch["cut"].any() and not batch["cut"].all()  # the longer answers lose their end to the cutoff of 40
     with torch.no_grad():
         q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"])
-    labels = batch["labels"]
-    r = response_return(derived_reward(gather_actions(q_r, labels), soft_value(q_r, logp1, 1.0, 1.0), labels, 1.0), labels)
+    labels, bootstrapped = batch["labels"], batch["cut"] if cut == "bootstrap" else None
+    r = response_return(derived_reward(gather_actions(q_r, labels), soft_value(q_r, logp1, 1.0, 1.0), labels, 1.0,
+                                       bootstrapped), labels)
     margins = r[:len(pairs)] - r[len(pairs):]
-    pw = E.pairwise(policy, tokenizer, pairs, 64, 5)["qa"]
+    pw = E.pairwise(policy, tokenizer, pairs, 40, 5)["qa"]
     assert pw["margin"] == pytest.approx(float(margins.mean()), abs=1e-4)
     assert pw["pairwise_accuracy"] == pytest.approx(float((margins > 0).float().mean()))
 

@@ -206,7 +206,8 @@ def chain_adapter(tokenizer, stacked, dtype=torch.float32):
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("flags", [[], ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05"],
-                                   ["--alpha0", "0.1", "--alpha-tilde", "0.1", "--nll", "0.5"]])
+                                   ["--alpha0", "0.1", "--alpha-tilde", "0.1", "--nll", "0.5"],
+                                   ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--cut", "bootstrap"]])
 def test_fused_loss_and_gradient_equal_the_plain_path(tokenizer, seed, stacked, flags):
     adapter = chain_adapter(tokenizer, stacked)
     batch, examples = random_pairs(tokenizer, seed)
@@ -223,12 +224,25 @@ def test_fused_loss_and_gradient_equal_the_plain_path(tokenizer, seed, stacked, 
         torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["plain", "fused"])
+def test_a_bootstrapped_cut_changes_the_loss_of_the_cut_rows_only(tokenizer, path):
+    adapter = chain_adapter(tokenizer, stacked=False)
+    batch, _ = random_pairs(tokenizer, 0)
+    assert batch["cut"].any() and not batch["cut"].all()
+    flags = ["--alpha0", "0.6", "--alpha-tilde", "1.5"]
+    terminal = path_loss(adapter, batch, path, flags)[0]
+    assert path_loss(adapter, batch, path, [*flags, "--cut", "bootstrap"])[0] != pytest.approx(float(terminal), abs=1e-4)
+    uncut = {**batch, "cut": torch.zeros_like(batch["cut"])}  # no row cut: bootstrapping has nothing to do
+    torch.testing.assert_close(path_loss(adapter, uncut, path, [*flags, "--cut", "bootstrap"])[0], terminal)
+
+
 @pytest.mark.parametrize("stacked", [False, True])
-def test_evaluation_is_the_same_on_both_paths(tokenizer, stacked):
+@pytest.mark.parametrize("cut", ["terminal", "bootstrap"])
+def test_evaluation_is_the_same_on_both_paths(tokenizer, stacked, cut):
     adapter = chain_adapter(tokenizer, stacked)
     _, examples = random_pairs(tokenizer, 2)
     collate = lambda e: data.collate(e, tokenizer.pad_token_id)  # noqa: E731
-    flags = ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--batch-size", "2"]
+    flags = ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--batch-size", "2", "--cut", cut]
     plain = train.evaluate(adapter, examples, FrozenCache(0), train.parse_args(["--path", "plain", *flags]), "cpu", collate)
     fused = train.evaluate(adapter, examples, FrozenCache(0), train.parse_args(flags), "cpu", collate)
     assert plain.keys() == fused.keys()

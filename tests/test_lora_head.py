@@ -77,7 +77,8 @@ def test_a_fresh_lora_head_decodes_what_hf_generate_does(tokenizer, path):
 
 
 @pytest.mark.parametrize("stacked", [False, True])
-@pytest.mark.parametrize("flags", [[], ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05"]])
+@pytest.mark.parametrize("flags", [[], ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05"],
+                                   ["--alpha0", "0.1", "--alpha-tilde", "0.1", "--cut", "bootstrap"]])
 def test_fused_loss_and_lora_gradient_equal_the_plain_path(tokenizer, stacked, flags):
     adapter = stacked_or_not(tokenizer, stacked)
     adapter.head.train()

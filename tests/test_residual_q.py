@@ -67,6 +67,24 @@ def test_alignment_on_a_hand_built_batch():
     expected0 = [0, 107 - 0.5 * v[0, 2], 208 - 0.5 * v[0, 3], 302 - 0.0, 0, 0]  # V = 0 after EOS
     expected1 = [9 - 0.5 * v[1, 1], 102 - 0.0, 0, 0, 0, 0]
     torch.testing.assert_close(r2, torch.tensor([expected0, expected1]))
+    # row 1 cut at the cutoff and bootstrapped: its last token's reward subtracts V of the state after it
+    r2_cut = rq.derived_reward(rq.gather_actions(q_r, labels), v, labels, 0.5, cut=torch.tensor([False, True]))
+    expected1[1] = 102 - 0.5 * v[1, 2]
+    torch.testing.assert_close(r2_cut, torch.tensor([expected0, expected1]))
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_a_bootstrapped_cut_subtracts_the_value_after_the_last_token(gamma):
+    q_r, logp1, labels = random_batch(seed=5)
+    cut = torch.tensor([True, False, True, False, True])
+    v = rq.soft_value(q_r, logp1, 0.5, 2.0)  # (B, T)
+    q_sa = rq.gather_actions(q_r, labels)
+    terminal = rq.response_return(rq.derived_reward(q_sa, v, labels, gamma), labels)
+    bootstrapped = rq.response_return(rq.derived_reward(q_sa, v, labels, gamma, cut), labels)
+    last = labels.shape[1] - 1 - (labels != IGNORE).flip(-1).int().argmax(-1)  # (B,) position of the last token
+    v_T = v.gather(1, last[:, None]).squeeze(1)  # V(s_T): the state after the last response token
+    torch.testing.assert_close(bootstrapped, terminal - gamma * v_T * cut, rtol=1e-10, atol=1e-10)
+    assert (v_T[cut].abs() > 1e-3).all()  # the difference is real
 
 
 def test_the_scored_window_gives_the_same_rewards_as_the_whole_sequence():

@@ -86,14 +86,19 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_path, separable, tmp_path):
     assert steps(lines("full")) == steps(lines("part"))
 
 
-def test_kept_frozen_outputs_give_what_recomputing_gives(tiny_path, separable, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--cut", "bootstrap", "--cutoff", "5", "--max-prompt", "3"]])
+def test_kept_frozen_outputs_give_what_recomputing_gives(tiny_path, separable, tmp_path, flags):
     """Epoch 2 reads the frozen hidden states and log Z1 kept from epoch 1 (--cache-gb); with the
-    cache off it recomputes them. The trained heads agree to float rounding."""
+    cache off it recomputes them. The trained heads agree to float rounding. With --cutoff 5 every
+    answer is cut ("Yes." and its EOS need 3 tokens, 2 are left), and --cut bootstrap reads V, so
+    log Z1, after the last kept token too."""
     runs = {}
     for name, budget in (("kept", "4"), ("recomputed", "0")):
         args = common_args(tiny_path, separable, tmp_path / name) + ["--epochs", "2", "--samples", "0",
-                                                                     "--cache-gb", budget]
+                                                                     "--cache-gb", budget, *flags]
         runs[name] = train.main(args)
+    config = json.loads((tmp_path / "kept" / "checkpoint" / "config.json").read_text())
+    assert config["cut"] == ("bootstrap" if flags else "terminal")
     a = load_file(tmp_path / "kept" / "checkpoint" / "head.safetensors")
     b = load_file(tmp_path / "recomputed" / "checkpoint" / "head.safetensors")
     for k in a:
