@@ -541,7 +541,11 @@ def plot_tradeoff(results, path, preference_key):
             ax.set_xscale("symlog", linthresh=1e-3)
         ax.set_ylabel(preference_key.replace("_", " "))
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels, where it hides no point
+    legend = {}  # every panel's entries (a run without a benchmark is only in the KL panel), below the panels
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
     fig.suptitle("learning the preference vs keeping what the frozen model knew")
     fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 3), 1, 1))
