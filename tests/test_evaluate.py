@@ -209,6 +209,22 @@ def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 
+def test_the_legend_names_a_run_scored_only_in_the_kl_panel(monkeypatch, tmp_path):
+    import matplotlib.figure
+    labels, real_legend = [], matplotlib.figure.Figure.legend
+
+    def legend(fig, handles, names, **kwargs):
+        labels.extend(names)
+        return real_legend(fig, handles, names, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", legend)
+    results = {"frozen": {"kind": "frozen", "run": None, "adherence": 0.2, "arc_easy_local/acc": 0.5, "kl": 0.0},
+               "dpo-a": {"kind": "dpo", "run": "runs/a", "adherence": 0.3, "arc_easy_local/acc": 0.5, "kl": 0.01},
+               "dpo-b": {"kind": "dpo", "run": "runs/b", "adherence": 0.35, "kl": 0.02}}  # no ARC-Easy: KL panel only
+    assert E.plot_tradeoff(results, tmp_path / "x.png", "adherence") == tmp_path / "x.png"
+    assert labels == ["frozen", "dpo-a", "dpo-b"]
+
+
 def test_bad_arguments_fail_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="error: give at least one --checkpoint"):
         E.parse_args([])
