@@ -104,8 +104,9 @@ class FrozenPolicy:
 
     @torch.no_grad()
     def score(self, ids, mask, labels, cut):
-        """ids, mask, labels: (B, T), right-padded; cut (B,): the rows whose response was cut at the cutoff. Returns {policy name: (token_logp, kl, ret)} with
-        token_logp, kl (B, W-1) and ret (B,) the policy's implicit return, and "frozen" for pi1."""
+        """ids, mask, labels: (B, T), right-padded; cut (B,): the rows whose response was cut at the
+        cutoff. Returns {policy name: (token_logp, kl, ret)} with token_logp, kl (B, W-1) and ret (B,)
+        the policy's implicit return, and "frozen" for pi1."""
         n = int(mask.sum(-1).max())  # columns that are padding in every row are skipped
         ids, mask, labels = ids[:, :n], mask[:, :n], labels[:, :n]
         states, window_labels = scored_states(labels)  # (B, W)

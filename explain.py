@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import data
-from residual_q import (customised_logits, derived_reward, gather_actions, next_tokens, response_logprob,
+from residual_q import (customised_logits, derived_reward, gather_actions, next_tokens, next_value, response_logprob,
                         response_return, soft_value)
 from sample import generate, load_policy
 from support import cli, loading
@@ -65,7 +65,8 @@ def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_
     Returns one dict per row: "tokens", a list with one dict per response token (id, text, r2, q,
     v_next, logratio, logp, logp1, raised, lowered), and the totals: return (Σ r2, as
     residual_q.response_return sums it), sum_r2 (the per-token values summed in Python), telescoped
-    (α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0), and − V(s_T) for a bootstrapped cut), logp, logp1, v0. Plain Python numbers only.
+    (α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0), and − V(s_T) for a bootstrapped cut), logp, logp1, v0.
+    Plain Python numbers only.
     raised / lowered: up to top_k tokens a with log pi~(a|s) − log pi1(a|s) > 0 / < 0, the largest / smallest
     first, among those with pi~(a|s) or pi1(a|s) >= min_p (0: the whole vocabulary)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (B, T)
@@ -77,10 +78,7 @@ def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_
     r2 = derived_reward(q_sa, v, labels, gamma, cut)  # (B, T-1) r2 = Q_R(s_t, a_t) − γ·V(s_{t+1})
     ret = response_return(r2, labels)  # (B,) R(x, y) = Σ_t r2
     actions, scored = next_tokens(labels)  # (B, T-1) a_t, and whether it is a response token
-    live = torch.zeros_like(scored)  # (B, T-1) is s_{t+1} non-terminal? when a_{t+1} is a response token,
-    live[:, :-1] = scored[:, 1:]  # or after the last token of a bootstrapped cut
-    live = live | (scored & cut[:, None]) if cut is not None else live
-    v_next = v[:, 1:] * live  # (B, T-1) V(s_{t+1}): what derived_reward subtracts, 0 when terminal
+    v_next = next_value(v, labels, cut)  # (B, T-1) V(s_{t+1}): what derived_reward subtracts, 0 when terminal
     logits = customised_logits(q_r, logp1, alpha0, alpha_tilde)  # (B, T, V) (Q_R + α0·log pi1) / α̃
     logp = torch.log_softmax(logits, dim=-1)  # (B, T, V) log pi~(·|s)
     logratio = logp - logp1  # (B, T, V) log pi~ − log pi1: > 0 where the head raised a token

@@ -9,6 +9,7 @@ token, s_{t+1} = s_t ⊕ a_t. The head gives Q_R(s, ·) and the frozen model giv
   next_tokens        the one shift: position t scores token t+1; scored where labels[t+1] ≠ IGNORE
   scored_states      the window of states that take a response action (all the loss needs)
   gather_actions     x(s_t, a_t) for every state, e.g. Q_R(s_t, a_t) or log pi1(a_t | s_t)
+  next_value         V(s_{t+1}) for every action, 0 after the last response token
   derived_reward     r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}),  V = 0 after the last response token
                      (after a response cut at the cutoff: V = 0 too, or V bootstrapped there)
   response_return    R(x, y) = Σ_t r2(s_t, a_t) over the response tokens only
@@ -78,23 +79,28 @@ def gather_actions(x, labels):
     return picked * mask
 
 
+def next_value(v, labels, cut=None):
+    """V(s_{t+1}) for every action a_t, (B, T-1), 0 where s_{t+1} is terminal. v: (B, T) V(s_t), as
+    soft_value gives it; s_{t+1} is described by position t+1. It is terminal when a_t is the last
+    response token: the end of the sequence, EOS, or a truncated response (the data stops there).
+    cut: (B,) bool or None, the rows whose response was cut at the cutoff before it ended
+    (data.collate's "cut"); their last state is then not terminal but bootstrapped (train.py --cut
+    bootstrap), so the last token's reward subtracts γ·V of the state after it, as every other's does."""
+    _, mask = next_tokens(labels)  # (B, T-1)
+    live = torch.zeros_like(mask)
+    live[:, :-1] = mask[:, 1:]  # is a_{t+1} a response token, i.e. is s_{t+1} non-terminal?
+    if cut is not None:
+        live = live | (mask & cut[:, None])  # a cut response goes on after its last token
+    return v[:, 1:] * live
+
+
 def derived_reward(q_sa, v, labels, gamma, cut=None):
     """r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}) (inverse soft Bellman equation), (B, T-1).
 
-    q_sa: (B, T-1) Q_R(s_t, a_t), as gather_actions(q_r, labels) gives it; v: (B, T) V(s_t), as
-    soft_value gives it. s_{t+1} is described by position t+1. It is terminal (V = 0) when a_t is
-    the last response token: the end of the sequence, EOS, or a truncated response (the data stops
-    there). cut: (B,) bool or None, the rows whose response was cut at the cutoff before it ended
-    (data.collate's "cut"); their last state is then not terminal but bootstrapped: the last
-    token's reward subtracts γ·V of the state after it, as every other token's does (train.py
-    --cut bootstrap)."""
+    q_sa: (B, T-1) Q_R(s_t, a_t), as gather_actions(q_r, labels) gives it; v: (B, T) V(s_t); V(s_{t+1})
+    and the terminal states (and cut, the rows bootstrapped at the cutoff) as next_value says."""
     _, mask = next_tokens(labels)  # (B, T-1)
-    next_scored = torch.zeros_like(mask)
-    next_scored[:, :-1] = mask[:, 1:]  # is a_{t+1} a response token, i.e. is s_{t+1} non-terminal?
-    if cut is not None:
-        next_scored = next_scored | (mask & cut[:, None])  # a cut response goes on after its last token
-    v_next = v[:, 1:] * next_scored  # (B, T-1)
-    return (q_sa - gamma * v_next) * mask
+    return (q_sa - gamma * next_value(v, labels, cut)) * mask
 
 
 def response_return(r2, labels):
