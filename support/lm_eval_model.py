@@ -113,12 +113,16 @@ class PolicyLM(TemplateLM):
 
     batch_size: sequences per forward pass; max_scored bounds the states scored together (each is a
     (V,) row of log-probs, three times over on the Q-Adapter plain path), so a batch of long
-    windows is split. max_length: tokens per forward (default: the model's context, as HFLM)."""
+    windows is split. max_length: tokens per forward (default: the model's context, as HFLM).
+    share_inputs: requests whose model inputs are the same token for token (the choices of a
+    multiple-choice question that differ only in their last token: MMLU's " A" .. " D") share one
+    forward pass, as HFLM's logits cache does; False scores every request on its own (the plain
+    path; tests/test_lm_eval.py checks both give the same numbers)."""
 
     def __init__(self, policy, tokenizer, batch_size=8, max_length=None, max_gen_toks=256, max_scored=4096,
-                 seed=0):
+                 seed=0, share_inputs=True):
         super().__init__()
-        self.policy, self.tokenizer = policy, tokenizer
+        self.policy, self.tokenizer, self.share_inputs = policy, tokenizer, share_inputs
         self.batch_size, self.max_scored, self._max_gen_toks, self.seed = int(batch_size), max_scored, max_gen_toks, seed
         self._max_length = max_length
         self._device = next(policy.model.parameters()).device
@@ -181,12 +185,19 @@ class PolicyLM(TemplateLM):
         """requests: [((context, continuation) or None, context ids, continuation ids)] ->
         [(Σ log pi(continuation | context), greedy)], as HFLM: the input is context + continuation
         without its last token, cut from the left to max_length; the last len(continuation) states
-        score the continuation."""
-        rows = []
-        for _, ctx, cont in requests:
+        score the continuation. Requests with the same input and number of scored states read the
+        same log-probs (they differ at most in the continuation's last token): with share_inputs,
+        one row of the batch serves them all."""
+        rows, readers, row_of = [], [], {}  # readers[i]: the requests that row i scores
+        for k, (_, ctx, cont) in enumerate(requests):
             assert ctx and cont and len(cont) <= self.max_length
             inp = (ctx + cont)[-(self.max_length + 1):][:-1]
-            rows.append((inp, len(cont)))
+            key = (tuple(inp), len(cont)) if self.share_inputs else k
+            if key not in row_of:
+                row_of[key] = len(rows)
+                rows.append((inp, len(cont)))
+                readers.append([])
+            readers[row_of[key]].append(k)
         results = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood", leave=False)
         for idx in self._batches(rows):
@@ -200,14 +211,14 @@ class PolicyLM(TemplateLM):
                 states[j, :n] = torch.arange(len(inp) - n, len(inp))
             logp = self.policy.logp(ids.to(self._device), mask.to(self._device), states.to(self._device))  # (B, W, V)
             for j, i in enumerate(idx):
-                n = rows[i][1]
-                cont = torch.tensor(requests[i][2], device=logp.device)  # (n,)
-                row = logp[j, :n]  # (n, V)
-                answer = (float(row.gather(-1, cont[:, None]).sum()), bool((row.argmax(-1) == cont).all()))
-                results[i] = answer
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            bar.update(len(idx))
+                row = logp[j, :rows[i][1]]  # (n, V)
+                for k in readers[i]:
+                    cont = torch.tensor(requests[k][2], device=logp.device)  # (n,)
+                    answer = (float(row.gather(-1, cont[:, None]).sum()), bool((row.argmax(-1) == cont).all()))
+                    results[k] = answer
+                    if requests[k][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[k][0], answer)
+                bar.update(len(readers[i]))
         bar.close()
         return results
 

@@ -85,6 +85,33 @@ def test_a_nonzero_head_changes_the_values(base, tokenizer):
     assert head[0] == pytest.approx(float(sum(logp[t - 1, ids[t]] for t in range(n, len(ids)))), abs=1e-4)
 
 
+def test_requests_with_the_same_input_share_one_forward_pass(base, tokenizer):
+    """MMLU's lettered choices: one context, four one-token continuations. With share_inputs they
+    are scored from one row of the batch, and every value and greedy flag equals the plain path's
+    (share_inputs=False), also for two-token continuations that share their first token."""
+    letters = [("Question: Which is a colour?\nAnswer:", f" {c}") for c in "ABCD"]
+    shared_first = [("Question: Where is Paris?\nAnswer:", " in France"), ("Question: Where is Paris?\nAnswer:", " in Spain")]
+    reqs = instances("loglikelihood", letters + shared_first + REQUESTS)
+    counts = {}
+    for share in (True, False):
+        policy = customised(base, zero=False)
+        forward = policy.logp
+        counts[share] = 0
+
+        def counting(ids, mask, states, share=share, forward=forward):
+            counts[share] += ids.shape[0]
+            return forward(ids, mask, states)
+
+        policy.logp = counting
+        counts[share, "out"] = L.PolicyLM(policy, tokenizer, batch_size=3, share_inputs=share).loglikelihood(reqs)
+    assert counts[False] == len(reqs)
+    assert [len(tokenizer(c)["input_ids"]) for _, c in shared_first] == [2, 2]  # " in" + one token each
+    assert counts[True] == len(reqs) - 3 - 1  # the four letters share one row, the two Paris answers another
+    for (a, greedy_a), (b, greedy_b) in zip(counts[True, "out"], counts[False, "out"]):
+        assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
+    assert len({round(v, 4) for v, _ in counts[True, "out"][:4]}) == 4  # four letters, four values
+
+
 def test_generate_until_is_sample_generate_and_stops_at_until(base, tokenizer):
     policy = customised(base, zero=False)
     conversations = [[{"role": "user", "content": "Tell me about cats."}], [{"role": "user", "content": "Hi"}]]
