@@ -92,24 +92,23 @@ def test_requests_with_the_same_input_share_one_forward_pass(base, tokenizer):
     letters = [("Question: Which is a colour?\nAnswer:", f" {c}") for c in "ABCD"]
     shared_first = [("Question: Where is Paris?\nAnswer:", " in France"), ("Question: Where is Paris?\nAnswer:", " in Spain")]
     reqs = instances("loglikelihood", letters + shared_first + REQUESTS)
-    counts = {}
+    rows, outputs = {True: 0, False: 0}, {}  # rows forwarded, answers, per setting of share_inputs
     for share in (True, False):
         policy = customised(base, zero=False)
         forward = policy.logp
-        counts[share] = 0
 
         def counting(ids, mask, states, share=share, forward=forward):
-            counts[share] += ids.shape[0]
+            rows[share] += ids.shape[0]
             return forward(ids, mask, states)
 
         policy.logp = counting
-        counts[share, "out"] = L.PolicyLM(policy, tokenizer, batch_size=3, share_inputs=share).loglikelihood(reqs)
-    assert counts[False] == len(reqs)
+        outputs[share] = L.PolicyLM(policy, tokenizer, batch_size=3, share_inputs=share).loglikelihood(reqs)
+    assert rows[False] == len(reqs)
     assert [len(tokenizer(c)["input_ids"]) for _, c in shared_first] == [2, 2]  # " in" + one token each
-    assert counts[True] == len(reqs) - 3 - 1  # the four letters share one row, the two Paris answers another
-    for (a, greedy_a), (b, greedy_b) in zip(counts[True, "out"], counts[False, "out"]):
+    assert rows[True] == len(reqs) - 3 - 1  # the four letters share one row, the two Paris answers another
+    for (a, greedy_a), (b, greedy_b) in zip(outputs[True], outputs[False]):
         assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
-    assert len({round(v, 4) for v, _ in counts[True, "out"][:4]}) == 4  # four letters, four values
+    assert len({round(v, 4) for v, _ in outputs[True][:4]}) == 4  # four letters, four values
 
 
 def test_generate_until_is_sample_generate_and_stops_at_until(base, tokenizer):
