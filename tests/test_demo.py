@@ -81,3 +81,40 @@ def test_show_runs_end_to_end_and_writes_its_numbers(tiny_path, tmp_path):
     assert written["asked"]["n"] == 3 and written["asked"]["instruction"] == show.INSTRUCTION
     no_reference = show.main([str(run), "--max-new-tokens", "6", "--shown", "0", "--asked", "", "--device", "cpu"])
     assert "asked" not in no_reference
+
+
+def test_loop_pairs_reject_only_the_heads_looping_answers():
+    from demo.build_child_loops import loop_pairs
+
+    def pair(prompt, chosen, rejected):
+        user = [{"role": "user", "content": prompt}]
+        return {"chosen": user + [{"role": "assistant", "content": chosen}],
+                "rejected": user + [{"role": "assistant", "content": rejected}]}
+
+    pairs = [pair(f"question {i}?", CHILD[i], PLAIN[i]) for i in range(3)]
+    answers = [{"prompt": [{"role": "user", "content": "question 0?"}], "customised": DEGENERATE[2]},
+               {"prompt": [{"role": "user", "content": "question 1?"}], "customised": CHILD[4]},
+               {"prompt": [{"role": "user", "content": "question 2?"}], "customised": DEGENERATE[0]}]
+    # only the looping answer becomes a pair (a child answer is fine, an empty one is no loop to show)
+    assert loop_pairs(pairs, answers) == [pair("question 0?", CHILD[0], DEGENERATE[2])]
+    with pytest.raises(SystemExit, match="not in the training pairs"):
+        loop_pairs(pairs, [{"prompt": [{"role": "user", "content": "held out?"}], "customised": "x"}])
+
+
+def test_the_prefix_side_ends_before_the_loop_starts():
+    from demo.build_child_loops import before_the_loop, loop_pairs
+    loop = "Imagine a big box." + " It is like a toy." * 5
+    assert before_the_loop(loop) == "Imagine a big box. It is like a toy."  # "it is like" starts again here
+    assert before_the_loop("It is like a toy. It is like a toy. It is like a toy. It is like a toy.") \
+        == "It is like a toy."
+    assert before_the_loop("It is like it is like it is like it is like") == ""  # no sentence ends before
+    assert before_the_loop(CHILD[0]) == CHILD[0]  # no loop: the whole answer
+    user = [{"role": "user", "content": "q?"}]
+    pairs = [{"chosen": user + [{"role": "assistant", "content": CHILD[1]}],
+              "rejected": user + [{"role": "assistant", "content": PLAIN[0]}]}]
+    prefix = loop_pairs(pairs, [{"prompt": user, "customised": loop}], "prefix")
+    assert prefix[0]["chosen"][-1]["content"] == "Imagine a big box. It is like a toy."
+    assert prefix[0]["rejected"][-1]["content"] == loop
+    # a loop with no child answer before it falls back to the asked-for answer
+    fallback = loop_pairs(pairs, [{"prompt": user, "customised": DEGENERATE[2]}], "prefix")
+    assert fallback[0]["chosen"][-1]["content"] == CHILD[1]
