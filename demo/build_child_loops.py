@@ -32,7 +32,9 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from demo.build_child import complete_sentences  # noqa: E402
 from demo.child import judge  # noqa: E402
+from support.data_files import DataError, read_rows  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -47,8 +49,7 @@ def before_the_loop(text):
     for i, g in enumerate(grams):
         seen[g] += 1
         if seen[g] == 2 and counts[g] >= 4:
-            m = re.match(r"(?s).*[.!?]", text[:words[i].start()])
-            return m.group(0) if m else ""
+            return complete_sentences(text[:words[i].start()], finished=False)
     return text
 
 
@@ -84,8 +85,14 @@ def main(argv=None):
                     help="the clean side of a loop pair: the prompt's asked-for answer, or the loop's own beginning")
     ap.add_argument("--out", default="runs/child_loops_train.jsonl", help="training pairs + loop pairs")
     args = ap.parse_args(argv)
-    pairs = [json.loads(line) for line in Path(args.pairs).read_text(encoding="utf-8").splitlines() if line.strip()]
-    answers = json.loads(Path(args.answers).read_text(encoding="utf-8"))["answers"]
+    try:
+        pairs = [row for _, row in read_rows(args.pairs)]
+    except DataError as e:
+        raise SystemExit(f"error: --pairs {e}")
+    try:
+        answers = json.loads(Path(args.answers).read_text(encoding="utf-8"))["answers"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --answers {args.answers}: not a sample.py --out file ({type(e).__name__}: {e})")
     extra = loop_pairs(pairs, answers, args.chosen)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
