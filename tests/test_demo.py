@@ -118,3 +118,12 @@ def test_the_prefix_side_ends_before_the_loop_starts():
     # a loop with no child answer before it falls back to the asked-for answer
     fallback = loop_pairs(pairs, [{"prompt": user, "customised": DEGENERATE[2]}], "prefix")
     assert fallback[0]["chosen"][-1]["content"] == CHILD[1]
+
+
+def test_loop_pairs_script_names_a_bad_input_in_one_line(tmp_path):
+    from demo.build_child_loops import main
+    (tmp_path / "answers.json").write_text('{"no answers": []}')
+    with pytest.raises(SystemExit, match=r"--answers .*answers.json: not a sample.py --out file \(KeyError"):
+        main(["--answers", str(tmp_path / "answers.json")])
+    with pytest.raises(SystemExit, match=r"--pairs .*missing.jsonl: no such file"):
+        main(["--answers", str(tmp_path / "answers.json"), "--pairs", str(tmp_path / "missing.jsonl")])
