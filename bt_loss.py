@@ -13,7 +13,14 @@ Metrics carry the names TRL users know: rewards/* are the returns R.
 responses' tokens, which asks the customised policy to *write* the chosen answers as well as to rank
 them. DPO with this term added is RPO (Pang et al. 2024, "Iterative Reasoning Preference
 Optimization"); train.py's --nll weighs it (0 turns it off, the paper's loss).
+
+`repetition_unlikelihood` is another optional term, not in the paper either: token-level
+unlikelihood (Welleck et al. 2019, "Neural Text Generation with Unlikelihood Training"). At each
+token of a chosen answer it pushes down pi~ of every token the answer has already used, other
+than the one that comes next: −Σ_c log(1 − pi~(c|s_t)). A model that copies what it has just said
+is one that loops; train.py's --unlikelihood weighs it (0 turns it off).
 """
+import torch
 import torch.nn.functional as F
 
 from residual_q import next_tokens, response_return
@@ -46,3 +53,26 @@ def chosen_nll(logp_sa, labels):
     _, mask = next_tokens(labels)  # (2B, T-1)
     chosen_logp, chosen_mask = logp_sa.chunk(2)[0], mask.chunk(2)[0]  # (B, T-1)
     return -(chosen_logp * chosen_mask).sum() / chosen_mask.sum().clamp(min=1)
+
+
+def earlier_tokens(labels):
+    """labels: (2B, T) -> (2B, T-1, T-1) bool: column j is a candidate at state t (a token to push
+    down there) when a_j, the action of state j, is a response token used before a_t (j < t), is the
+    first use of that token in the response (each token counted once), and is not a_t itself."""
+    actions, mask = next_tokens(labels)  # (2B, T-1)
+    n = actions.shape[1]
+    same = actions[:, :, None] == actions[:, None, :]  # (2B, T-1, T-1) a_t == a_j
+    before = torch.ones(n, n, dtype=torch.bool, device=labels.device).tril(-1)  # (T-1, T-1) j < t
+    used_earlier = (same & before & mask[:, None, :]).any(-1)  # (2B, T-1) a_j already used before j
+    first_use = mask & ~used_earlier  # (2B, T-1)
+    return before & first_use[:, None, :] & mask[:, :, None] & ~same
+
+
+def repetition_unlikelihood(logp_earlier, labels):
+    """logp_earlier: (2B, T-1, T-1) log pi~(a_j | s_t) for every state t and every action a_j of the
+    same row; labels: (2B, T). Returns −Σ_t Σ_{c in C_t} log(1 − pi~(c|s_t)) / (number of chosen
+    tokens), C_t = earlier_tokens, over the chosen rows (the first B)."""
+    _, mask = next_tokens(labels)  # (2B, T-1)
+    candidates = earlier_tokens(labels).chunk(2)[0]  # (B, T-1, T-1)
+    p = logp_earlier.chunk(2)[0].exp().clamp(max=1 - 1e-6)  # (B, T-1, T-1)
+    return -(torch.log1p(-p) * candidates).sum() / mask.chunk(2)[0].sum().clamp(min=1)

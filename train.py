@@ -52,8 +52,9 @@ from tqdm import tqdm
 
 import data
 import model as M
-from bt_loss import bt_loss, chosen_nll
-from residual_q import action_logprob, derived_reward, gather_actions, kl_to_frozen, next_tokens, soft_value
+from bt_loss import bt_loss, chosen_nll, repetition_unlikelihood
+from residual_q import (action_logprob, customised_logits, derived_reward, gather_actions, kl_to_frozen, next_tokens,
+                        soft_value)
 from sample import generate
 from support import cli, distributed, fused_path, loading, run_state
 from support.frozen_cache import FrozenCache
@@ -107,6 +108,10 @@ def build_parser(description=__doc__):
                    help="weight λ of an extra term, λ·(−mean log pi~(a_t|s_t)) over the chosen answers' tokens, so "
                         "that pi~ learns to write them, not only to rank them (0: the paper's loss; DPO with "
                         "this term is RPO, Pang et al. 2024)")
+    a.add_argument("--unlikelihood", type=float, default=0.0,
+                   help="weight of an extra term against loops, not in the paper: token-level unlikelihood (Welleck "
+                        "et al. 2019) on the chosen answers, −Σ log(1 − pi~(c|s_t)) over every token c the answer "
+                        "used before t other than a_t (bt_loss.repetition_unlikelihood; 0: off)")
     a.add_argument("--cut", default="terminal", choices=["terminal", "bootstrap"],
                    help="a response cut at --cutoff before its end: terminal treats its last state as the end "
                         "(V = 0 there, as after EOS: R is then the log-ratio of the prefix, as DPO scores it); "
@@ -182,6 +187,7 @@ def parse_args(argv=None, parser=None):
     cli.check(0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}")
     cli.check(args.beta >= 0, f"--beta must be >= 0, got {args.beta}")
     cli.check(args.nll >= 0, f"--nll must be >= 0, got {args.nll}")
+    cli.check(args.unlikelihood >= 0, f"--unlikelihood must be >= 0, got {args.unlikelihood}")
     cli.check(args.cutoff >= 2, f"--cutoff must leave room for a prompt token and a response token (>= 2), got {args.cutoff}")
     cli.check(args.max_prompt is None or args.max_prompt >= 1, f"--max-prompt must be >= 1, got {args.max_prompt}")
     cli.check(0 < args.test_fraction < 1, f"--test-fraction must be in (0, 1), got {args.test_fraction}")
@@ -211,6 +217,7 @@ class Scores(NamedTuple):
     logp1_sa: torch.Tensor  # (2B, T-1) log pi1(a_t | s_t)
     kl: torch.Tensor | None  # (2B, T-1) KL(pi~ ‖ pi1) at s_t (evaluation only)
     labels: torch.Tensor  # (2B, T) IGNORE except at the response tokens
+    logp_every: torch.Tensor | None  # (2B, T-1, T-1) log pi~(a_j | s_t), every action of the row (--unlikelihood)
     cut: torch.Tensor | None  # (2B,) bool: rows whose last state is bootstrapped (--cut bootstrap), else None
 
 
@@ -220,7 +227,7 @@ def bootstrapped_rows(batch, args):
     return batch["cut"] if args.cut == "bootstrap" else None
 
 
-def scores_plain(adapter, batch, args, with_kl=False):
+def scores_plain(adapter, batch, args, with_kl=False, every_action=False):
     """The paper's quantities as written: Q_R and log pi1 over the whole vocabulary, then residual_q.py."""
     labels = batch["labels"]  # (2B, T)
     q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"])  # (2B, T, V) Q_R(s, ·), log pi1(·|s)
@@ -230,22 +237,27 @@ def scores_plain(adapter, batch, args, with_kl=False):
     kl = None
     if with_kl:  # (2B, T-1) KL(pi~ ‖ pi1) at the states that take a response action
         kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1] * next_tokens(labels)[1]
-    return Scores(q_sa, v, logp1_sa, kl, labels, bootstrapped_rows(batch, args))
+    logp_every = None
+    if every_action:  # (2B, T-1, T-1) log pi~(a_j | s_t): row t of the log-softmax read at every action a_j
+        logp = torch.log_softmax(customised_logits(q_r, logp1, args.alpha0, args.alpha_tilde), -1)[:, :-1]
+        actions, _ = next_tokens(labels)  # (2B, T-1)
+        logp_every = logp.gather(-1, actions[:, None, :].expand(-1, actions.shape[1], -1))
+    return Scores(q_sa, v, logp1_sa, kl, labels, logp_every, bootstrapped_rows(batch, args))
 
 
-def scores(adapter, batch, keys, cache, args, with_kl=False):
+def scores(adapter, batch, keys, cache, args, with_kl=False, every_action=False):
     """--path plain: scores_plain. --path fused: the same numbers on the scored window alone (labels
     then describe the window), from cached frozen outputs where kept (support/fused_path.py)."""
     if args.path == "plain":
-        return scores_plain(adapter, batch, args, with_kl)
-    s = fused_path.pair_scores(adapter, batch, keys, cache, args.alpha0, args.alpha_tilde, with_kl)
+        return scores_plain(adapter, batch, args, with_kl, every_action)
+    s = fused_path.pair_scores(adapter, batch, keys, cache, args.alpha0, args.alpha_tilde, with_kl, every_action)
     return Scores(*s, bootstrapped_rows(batch, args))
 
 
 def batch_loss(adapter, batch, keys, cache, args):
-    """The Bradley–Terry loss of one batch (plus --nll times the chosen answers' NLL under pi~); keys
-    name its pairs for the frozen-output cache."""
-    s = scores(adapter, batch, keys, cache, args)
+    """The Bradley–Terry loss of one batch (plus --nll times the chosen answers' NLL under pi~, plus
+    --unlikelihood times their repetition unlikelihood); keys name its pairs for the frozen-output cache."""
+    s = scores(adapter, batch, keys, cache, args, every_action=args.unlikelihood > 0)
     r2 = derived_reward(s.q_sa, s.v, s.labels, args.gamma, s.cut)  # (2B, T-1) r2(s_t, a_t) = Q_R − γ·V(s_{t+1})
     loss, metrics = bt_loss(r2, s.labels, args.beta)  # −log σ(R(y_w) − R(y_l)) + β·mean r2²
     if args.nll > 0:
@@ -253,6 +265,10 @@ def batch_loss(adapter, batch, keys, cache, args):
         nll = chosen_nll(logp, s.labels)  # −mean_t log pi~(a_t|s_t) over the chosen answers
         loss = loss + args.nll * nll
         metrics.update({"loss": loss.detach(), "loss/nll": nll.detach()})
+    if args.unlikelihood > 0:
+        ul = repetition_unlikelihood(s.logp_every, s.labels)  # −Σ log(1 − pi~(c|s_t)), c used earlier
+        loss = loss + args.unlikelihood * ul
+        metrics.update({"loss": loss.detach(), "loss/unlikelihood": ul.detach()})
     return loss, metrics
 
 

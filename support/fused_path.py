@@ -45,7 +45,7 @@ def with_last_states(acting):
 
 
 def fused_scores(adapter, input_ids, attention_mask, states, actions, valid, alpha0, alpha_tilde, hidden=None,
-                 logz1=None):
+                 logz1=None, every_action=False):
     """Q_R(s, a), log pi1(a|s) and V(s) at the states (B, W), with actions (B, W) the token taken in
     each (any id where none is) and valid (B, W) marking the states that exist (the rest is
     padding of the window and is skipped):
@@ -54,9 +54,12 @@ def fused_scores(adapter, input_ids, attention_mask, states, actions, valid, alp
         log pi1(a | s) = W_out[a]·h(s) − log Z1(s)
         V(s)           = α̃·logsumexp(W_out·(u + α0·h) / α̃) − α0·log Z1(s)
 
-    Returns (q_sa, logp1_sa, v, hidden, logz1): the first three and logz1 (B, W) float32, zero
-    where not valid; hidden (B, T, D) and logz1 may be passed back in to skip the frozen forward
-    and the log Z1 projection (FrozenCache)."""
+    Returns (q_sa, logp1_sa, v, hidden, logz1, logp_every): the first three and logz1 (B, W) float32,
+    zero where not valid; hidden (B, T, D) and logz1 may be passed back in to skip the frozen forward
+    and the log Z1 projection (FrozenCache). logp_every (B, W, W), only with every_action (else None):
+    log pi~(a_j | s_t) at every state t for every action a_j of the same row, each a dot product,
+        log pi~(a | s) = (W_out[a]·(u + α0·h) − α0·log Z1(s) − V(s)) / α̃
+    (what train.py --unlikelihood reads; garbage where t or j is not valid)."""
     position_ids = positions(attention_mask)
     if hidden is None:
         hidden, _ = adapter.hidden(input_ids, attention_mask, position_ids)  # (B, T, D)
@@ -77,7 +80,13 @@ def fused_scores(adapter, input_ids, attention_mask, states, actions, valid, alp
         full[valid] = x
         out.append(full)
     q_sa, logp1_sa, v = out
-    return q_sa, logp1_sa, v, hidden, logz1
+    logp_every = None
+    if every_action:
+        x = (u_s + alpha0 * h_s).new_zeros((*valid.shape, h_s.shape[1]))  # (B, W, D)
+        x[valid] = u_s + alpha0 * h_s
+        dots = x @ W[actions].float().transpose(1, 2)  # (B, W, W) W_out[a_j]·(u + α0·h)(s_t)
+        logp_every = (dots - (alpha0 * logz1 + v)[:, :, None]) / alpha_tilde
+    return q_sa, logp1_sa, v, hidden, logz1, logp_every
 
 
 @torch.no_grad()
@@ -102,12 +111,12 @@ def frozen_hidden(adapter, ids, mask, width):
     return torch.nn.functional.pad(hidden, (0, 0, 0, width - n))
 
 
-def pair_scores(adapter, batch, keys, cache, alpha0, alpha_tilde, with_kl=False):
+def pair_scores(adapter, batch, keys, cache, alpha0, alpha_tilde, with_kl=False, every_action=False):
     """batch: data.collate output on the model's device (2B sequences, chosen first); keys name its
-    pairs for the cache. Returns (q_sa, v, logp1_sa, kl, window_labels) as the plain path gives them
+    pairs for the cache. Returns (q_sa, v, logp1_sa, kl, window_labels, logp_every) as the plain path gives them
     (train.scores_plain), on the scored window: q_sa, logp1_sa (2B, W-1), v, window_labels (2B, W)
     (V after the last response token included), kl (2B, W-1) KL(pi~ ‖ pi1) at each scored state
-    (with_kl), else None."""
+    (with_kl), else None; logp_every (2B, W-1, W-1) log pi~(a_j | s_t) (every_action), else None."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     rows = [(k, "chosen") for k in keys] + [(k, "rejected") for k in keys]
     states, window_labels, actions, acting = action_window(labels)  # (2B, W) each
@@ -116,8 +125,8 @@ def pair_scores(adapter, batch, keys, cache, alpha0, alpha_tilde, with_kl=False)
     if hidden is None:  # the chosen and the rejected rows separately, each cut to its own length
         hidden = torch.cat([frozen_hidden(adapter, i, m, mask.shape[1])
                             for i, m in zip(ids.chunk(2), mask.chunk(2))])  # (2B, T, D)
-    q_sa, logp1_sa, v, hidden, logz1 = fused_scores(adapter, ids, mask, states, actions, valid, alpha0,
-                                                    alpha_tilde, hidden, logz1)  # (2B, W) each
+    q_sa, logp1_sa, v, hidden, logz1, logp_every = fused_scores(adapter, ids, mask, states, actions, valid, alpha0,
+                                                                alpha_tilde, hidden, logz1, every_action)  # (2B, W)
     cache.put(rows, hidden, mask, logz1, window_labels)
     q_sa, logp1_sa = q_sa * acting, logp1_sa * acting  # the state after the last token takes no action
     kl = None
@@ -126,7 +135,9 @@ def pair_scores(adapter, batch, keys, cache, alpha0, alpha_tilde, with_kl=False)
         kl = torch.zeros_like(v)  # (2B, W)
         kl[acting] = projected_kl(x_tilde, x1, adapter.out_weight)
         kl = kl[:, :-1]
-    return q_sa[:, :-1], v, logp1_sa[:, :-1], kl, window_labels
+    if logp_every is not None:
+        logp_every = logp_every[:, :-1, :-1]  # (2B, W-1, W-1)
+    return q_sa[:, :-1], v, logp1_sa[:, :-1], kl, window_labels, logp_every
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ def scored(adapter, batch, hidden):
     """(V, r2) of the batch's scored states, from given frozen hidden states (fused_path.fused_scores)."""
     from residual_q import derived_reward
     states, labels, actions, valid = fused_path.action_window(batch["labels"])
-    q_sa, _, v, _, _ = fused_path.fused_scores(adapter, batch["input_ids"], batch["attention_mask"], states, actions,
+    q_sa, _, v, *_ = fused_path.fused_scores(adapter, batch["input_ids"], batch["attention_mask"], states, actions,
                                                valid, *ALPHAS, hidden=hidden)
     return v, derived_reward(q_sa[:, :-1], v, labels, 0.9)
 

@@ -7,6 +7,7 @@ from transformers import DynamicCache
 import data
 import model as M
 import train
+from bt_loss import earlier_tokens, repetition_unlikelihood
 from residual_q import customised_logits
 from tests.conftest import tiny_llama
 from sample import generate
@@ -207,6 +208,7 @@ def chain_adapter(tokenizer, stacked, dtype=torch.float32):
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("flags", [[], ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05"],
                                    ["--alpha0", "0.1", "--alpha-tilde", "0.1", "--nll", "0.5"],
+                                   ["--alpha0", "0.3", "--alpha-tilde", "0.2", "--unlikelihood", "0.7"],
                                    ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--cut", "bootstrap"]])
 def test_fused_loss_and_gradient_equal_the_plain_path(tokenizer, seed, stacked, flags):
     adapter = chain_adapter(tokenizer, stacked)
@@ -222,6 +224,40 @@ def test_fused_loss_and_gradient_equal_the_plain_path(tokenizer, seed, stacked, 
     assert max(float(g.abs().max()) for g in plain_grads) > 1e-4  # a real gradient, not zeros on both sides
     for g_fused, g_plain in zip(fused_grads, plain_grads):
         torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["plain", "fused"])
+def test_unlikelihood_adds_its_weight_times_its_term(tokenizer, path):
+    """--unlikelihood w adds w·(its metric) to the loss; on these pairs the term is not zero (chosen
+    answers repeat words), so the equality test above compares a live term on both paths."""
+    adapter = chain_adapter(tokenizer, stacked=False)
+    batch, _ = random_pairs(tokenizer, 0)
+    assert earlier_tokens(batch["labels"]).chunk(2)[0].any()
+    flags = ["--alpha0", "0.3", "--alpha-tilde", "0.2"]
+    without = path_loss(adapter, batch, path, flags)[0]
+    with_ul, metrics, _ = path_loss(adapter, batch, path, [*flags, "--unlikelihood", "0.7"])
+    assert float(metrics["loss/unlikelihood"]) > 0
+    torch.testing.assert_close(with_ul, without + 0.7 * metrics["loss/unlikelihood"])
+
+
+def test_unlikelihood_term_and_its_gradient_equal_on_both_paths(tokenizer):
+    """The term alone (in the loss above it is small next to the BT loss): fused_path's log pi~(a_j|s_t),
+    dot products on the window, gives what the plain path's full log-softmax gives, value and gradient."""
+    adapter = chain_adapter(tokenizer, stacked=False)
+    batch, _ = random_pairs(tokenizer, 1)
+    got = {}
+    for path in ("plain", "fused"):
+        adapter.head.zero_grad(set_to_none=True)
+        args = train.parse_args(["--path", path, "--alpha0", "0.3", "--alpha-tilde", "0.2"])
+        s = train.scores(adapter, batch, list(range(len(batch["labels"]) // 2)), FrozenCache(0), args, every_action=True)
+        term = repetition_unlikelihood(s.logp_every, s.labels)
+        term.backward()
+        got[path] = term.detach(), [p.grad.clone() for p in adapter.head.parameters() if p.requires_grad]
+    assert float(got["plain"][0]) > 0
+    torch.testing.assert_close(got["fused"][0], got["plain"][0], rtol=1e-5, atol=1e-9)
+    assert max(float(g.abs().max()) for g in got["plain"][1]) > 0
+    for g_fused, g_plain in zip(got["fused"][1], got["plain"][1]):
+        torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("path", ["plain", "fused"])

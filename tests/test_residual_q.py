@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import residual_q as rq
-from bt_loss import bt_loss, chosen_nll
+from bt_loss import bt_loss, chosen_nll, earlier_tokens, repetition_unlikelihood
 
 IGNORE = rq.IGNORE
 
@@ -132,6 +132,30 @@ def test_chosen_nll_by_hand():
     labels = torch.tensor([[IGNORE, 1, 1], [IGNORE, 1, IGNORE], [IGNORE, 1, IGNORE], [IGNORE, 1, 1]])
     logp = torch.tensor([[-1.0, -2.0], [-3.0, -99.0], [-50.0, -99.0], [-50.0, -50.0]])
     torch.testing.assert_close(chosen_nll(logp, labels), torch.tensor((1.0 + 2.0 + 3.0) / 3))
+
+
+def test_earlier_tokens_by_hand():
+    # row 0: response 5 7 5 9; row 1: a prompt token 4 (not a candidate), then response 4 6 4, padded.
+    labels = torch.tensor([[IGNORE, 5, 7, 5, 9], [IGNORE, IGNORE, 4, 6, 4]])
+    expected = torch.tensor([[[0, 0, 0, 0],  # s_0 takes 5: nothing used yet
+                              [1, 0, 0, 0],  # s_1 takes 7: 5 was used
+                              [0, 1, 0, 0],  # s_2 takes 5 again: 7 is a candidate, 5 itself is not
+                              [1, 1, 0, 0]],  # s_3 takes 9: 5 and 7, the second 5 not counted twice
+                             [[0, 0, 0, 0],  # the prompt's state takes no response action
+                              [0, 0, 0, 0],  # s_1 takes the first 4
+                              [0, 1, 0, 0],  # s_2 takes 6: 4
+                              [0, 0, 1, 0]]], dtype=torch.bool)  # s_3 takes 4 again: 6 only
+    assert torch.equal(earlier_tokens(labels), expected)
+
+
+def test_repetition_unlikelihood_by_hand():
+    # 2 pairs, chosen rows first. Chosen row 0 takes 5 then 7: at s_1, 5 is a candidate with pi~ = 0.5.
+    # Chosen row 1 has one token: no candidate. The rejected rows are not read (pi~ 0.9 there).
+    labels = torch.tensor([[IGNORE, 5, 7], [IGNORE, 5, IGNORE], [IGNORE, 5, 7], [IGNORE, 5, 7]])
+    logp = torch.full((4, 2, 2), -99.0)
+    logp[0, 1, 0] = torch.tensor(0.5).log()
+    logp[2:, 1, 0] = torch.tensor(0.9).log()
+    torch.testing.assert_close(repetition_unlikelihood(logp, labels), torch.tensor(2.0).log() / 3)
 
 
 def test_bt_loss_by_hand():

@@ -61,7 +61,7 @@ def test_a_zero_head_on_a_chain_reproduces_the_chain(base, tokenizer):
     states = torch.arange(ids.shape[1]).expand(2, -1)[:, :-1]
     actions = ids[:, 1:]
     valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-    _, logp1_sa, _, _, _ = fused_path.fused_scores(ab, ids, mask, states, actions, valid, 0.5, 0.5)
+    _, logp1_sa, *_ = fused_path.fused_scores(ab, ids, mask, states, actions, valid, 0.5, 0.5)
     expected = want[:, :-1].gather(-1, actions[..., None])[..., 0]
     torch.testing.assert_close(logp1_sa[valid], expected[valid], rtol=0, atol=1e-5)
     # decoding one token at a time with the caches of both heads gives the same distribution
