@@ -5,7 +5,9 @@ One batch of preference pairs, in the paper's order (`batch_loss`):
   2. model.py        the frozen model gives log pi1(·|s), the head gives Q_R(s,·), over the vocabulary;
   3. residual_q.py   V(s) = α̃·logsumexp((Q_R + α0·log pi1)/α̃), Q_R(s_t, a_t), and the derived
                      reward r2 = Q_R(s_t, a_t) − γ·V(s_{t+1}) of every response token;
-  4. bt_loss.py      L = −log σ(R(y_w) − R(y_l)) + β·mean r2², with R = Σ_t r2.
+  4. bt_loss.py      L = −log σ(R(y_w) − R(y_l)) + β·mean r2², with R = Σ_t r2; plus two terms that
+                     are not in the paper: --nll (pi~ writes the chosen answers) and --unlikelihood
+                     (pi~ does not repeat what the answer already said; `make demo` uses both).
 Only the head is trained: by default a small transformer on the frozen hidden states (model.QHead);
 `--q-head lora`, the paper's own Q-adapter, LoRA on the frozen model's layers (model.LoraHead), whose
 Q_R is the logits with the adapter minus those without. `--path plain` runs exactly these steps
@@ -14,7 +16,7 @@ log pi1(a_t|s_t) without (2B, T, V) tensors and keeps the frozen model's outputs
 (support/fused_path.py; tested equal, values and gradients); from r2 on, both run the same code.
 Evaluation reads the same numbers on held-out pairs, plus KL(pi~ ‖ pi1) at every response state.
 
-    python train.py                                   # the embedded demo: SmolLM2-135M, answers for a child, CPU
+    python train.py --epochs 3 --unlikelihood 3       # the embedded demo (make demo): SmolLM2-135M, answers for a child, CPU
     python train.py --base-model meta-llama/Llama-3.1-8B-Instruct \\
         --data dsp_academy_pairs.jsonl --test-data "" --cutoff 512 \\
         --batch-size 8 --grad-accum 8 --head-width 1024 --out-dir runs/dsp-academy   # one GPU, bf16

@@ -8,9 +8,11 @@ preferred style, the share of degenerate ones (empty or looping), and the per-to
 KL(pi~ ‖ pi1) along the customised answers (teacher-forced: model.QAdapter.forward, then
 residual_q.kl_to_frozen at every answer state). A third column is the reference the head aims at:
 the frozen model *asked* for the style (the prompt ends with --asked, the instruction the chosen
-answers were written with, demo/build_child.py). Everything goes to RUN/demo.json.
+answers were written with, demo/build_child.py). Everything goes to RUN/demo.json
+(RUN/demo-alphaA.json with --alpha0 A).
 
     python demo/show.py runs/demo                 # after `python train.py --out-dir runs/demo`
+    python demo/show.py runs/demo --alpha0 0.08   # the head turned up: what `make demo` shows
     python demo/show.py runs/demo --shown 6 --max-new-tokens 128
 """
 import argparse
@@ -67,7 +69,8 @@ def main(argv=None):
     ap.add_argument("--asked", default=INSTRUCTION,
                     help="the reference column: the frozen model with this appended to each prompt ('' leaves it out)")
     ap.add_argument("--alpha0", type=float, default=None,
-                    help="decode-time dial a, as in sample.py: α0 = α̃ = a (default: the run's trained values)")
+                    help="decode-time dial a, as in sample.py: α0 = α̃ = a, pi~ ∝ pi1·exp(Q_R/a), so a smaller a is "
+                         "a stronger head (default: the run's trained values)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: a GPU if there is one)")
     args = ap.parse_args(argv)
     device, dtype, why = loading.pick_device(args.device)
