@@ -63,7 +63,8 @@ def test_the_shipped_demo_pairs_hold_the_preference():
 
 
 def test_show_runs_end_to_end_and_writes_its_numbers(tiny_path, tmp_path):
-    """demo/show.py on a tiny run: both answers per held-out prompt, the scorer's numbers, demo.json."""
+    """demo/show.py on a tiny run trained as make demo trains (--unlikelihood 3): both answers per
+    held-out prompt, the scorer's numbers, demo.json; at the dial make demo shows, demo-alpha0.08.json."""
     import train
     from demo import show
     test = tmp_path / "test.jsonl"
@@ -71,7 +72,7 @@ def test_show_runs_end_to_end_and_writes_its_numbers(tiny_path, tmp_path):
     run = tmp_path / "run"
     train.main(["--base-model", tiny_path, "--data", str(ROOT / "demo" / "child_train.jsonl"), "--test-data", str(test),
                 "--train-limit", "8", "--batch-size", "4", "--head-width", "32", "--head-layers", "1", "--head-heads", "2",
-                "--cutoff", "96", "--samples", "0", "--out-dir", str(run), "--device", "cpu"])
+                "--cutoff", "96", "--samples", "0", "--unlikelihood", "3", "--out-dir", str(run), "--device", "cpu"])
     result = show.main([str(run), "--max-new-tokens", "6", "--shown", "1", "--device", "cpu"])
     written = json.loads((run / "demo.json").read_text())
     assert written["prompts"] == result["prompts"] == 3 and len(written["answers"]) == 3
@@ -81,6 +82,9 @@ def test_show_runs_end_to_end_and_writes_its_numbers(tiny_path, tmp_path):
     assert written["asked"]["n"] == 3 and written["asked"]["instruction"] == show.INSTRUCTION
     no_reference = show.main([str(run), "--max-new-tokens", "6", "--shown", "0", "--asked", "", "--device", "cpu"])
     assert "asked" not in no_reference
+    show.main([str(run), "--max-new-tokens", "6", "--shown", "0", "--asked", "", "--alpha0", "0.08", "--device", "cpu"])
+    dialled = json.loads((run / "demo-alpha0.08.json").read_text())
+    assert dialled["alpha0"] == dialled["alpha_tilde"] == 0.08 and dialled["prompts"] == 3
 
 
 def test_loop_pairs_reject_only_the_heads_looping_answers():

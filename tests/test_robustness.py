@@ -130,6 +130,7 @@ BAD_FLAGS = [
     (["--alpha-tilde", "-1"], "--alpha-tilde must be > 0"),
     (["--alpha0", "-0.5"], "--alpha0 must be >= 0"),
     (["--beta", "-0.1"], "--beta must be >= 0"),
+    (["--unlikelihood", "-1"], "--unlikelihood must be >= 0"),
     (["--gamma", "0"], "--gamma must be in (0, 1]"),
     (["--gamma", "1.5"], "--gamma must be in (0, 1]"),
     (["--cutoff", "1"], "--cutoff must leave room for a prompt token and a response token"),
