@@ -72,18 +72,19 @@ def fused_scores(adapter, input_ids, attention_mask, states, actions, valid, alp
         logz1[valid] = projected_logsumexp(h_s, W)  # log Z1, no gradient
     z1 = logz1[valid]  # (N,)
     w_a = W[actions[valid]].float()  # (N, D) output embeddings of the actions
+    mixed = u_s + alpha0 * h_s  # (N, D) W_out·mixed = Q_R + α0·log pi1 + α0·log Z1
     out = []
     for x in ((w_a * u_s).sum(-1),  # Q_R(s, a)
               (w_a * h_s).sum(-1) - z1,  # log pi1(a | s)
-              alpha_tilde * projected_logsumexp(u_s + alpha0 * h_s, W, alpha_tilde) - alpha0 * z1):  # V(s)
+              alpha_tilde * projected_logsumexp(mixed, W, alpha_tilde) - alpha0 * z1):  # V(s)
         full = x.new_zeros(valid.shape)  # (B, W)
         full[valid] = x
         out.append(full)
     q_sa, logp1_sa, v = out
     logp_every = None
     if every_action:
-        x = (u_s + alpha0 * h_s).new_zeros((*valid.shape, h_s.shape[1]))  # (B, W, D)
-        x[valid] = u_s + alpha0 * h_s
+        x = mixed.new_zeros((*valid.shape, mixed.shape[1]))  # (B, W, D)
+        x[valid] = mixed
         dots = x @ W[actions].float().transpose(1, 2)  # (B, W, W) W_out[a_j]·(u + α0·h)(s_t)
         logp_every = (dots - (alpha0 * logz1 + v)[:, :, None]) / alpha_tilde
     return q_sa, logp1_sa, v, hidden, logz1, logp_every
