@@ -548,7 +548,8 @@ def plot_tradeoff(results, path, preference_key):
             legend.setdefault(label, handle)
     handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
-    fig.suptitle("learning the preference vs keeping what the frozen model knew")
+    title = "learning the preference vs keeping what the frozen model knew"
+    fig.suptitle(title if len(axes[0]) > 1 else title.replace(" vs ", "\nvs "), fontsize=11)  # one panel: two lines
     fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 3), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
