@@ -68,6 +68,8 @@ def parse_args(argv=None):
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.dpo_beta <= 0:
         raise SystemExit(f"error: --dpo-beta must be positive, got {args.dpo_beta}")
+    if args.unlikelihood:
+        raise SystemExit("error: --unlikelihood is a term of train.py's Q-head loss; baselines.py does not add it")
     return args
 
 

@@ -156,6 +156,8 @@ def test_bad_flags_fail_in_one_line(tiny_path, separable, tmp_path):
         baselines.parse_args(["--method", "dpo", "--dpo-beta", "0"])
     with pytest.raises(SystemExit, match="error: --resume"):
         baselines.parse_args(["--method", "sft", "--resume"])
+    with pytest.raises(SystemExit, match="error: --unlikelihood is a term of train.py"):
+        baselines.parse_args(["--method", "dpo", "--unlikelihood", "1"])
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "metrics.jsonl").write_text("")
     with pytest.raises(SystemExit, match="already holds a run: --overwrite starts again"):
