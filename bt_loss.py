@@ -56,15 +56,15 @@ def chosen_nll(logp_sa, labels):
 
 
 def earlier_tokens(labels):
-    """labels: (2B, T) -> (2B, T-1, T-1) bool: column j is a candidate at state t (a token to push
+    """labels: (N, T) -> (N, T-1, T-1) bool: column j is a candidate at state t (a token to push
     down there) when a_j, the action of state j, is a response token used before a_t (j < t), is the
     first use of that token in the response (each token counted once), and is not a_t itself."""
-    actions, mask = next_tokens(labels)  # (2B, T-1)
+    actions, mask = next_tokens(labels)  # (N, T-1)
     n = actions.shape[1]
-    same = actions[:, :, None] == actions[:, None, :]  # (2B, T-1, T-1) a_t == a_j
+    same = actions[:, :, None] == actions[:, None, :]  # (N, T-1, T-1) a_t == a_j
     before = torch.ones(n, n, dtype=torch.bool, device=labels.device).tril(-1)  # (T-1, T-1) j < t
-    used_earlier = (same & before & mask[:, None, :]).any(-1)  # (2B, T-1) a_j already used before j
-    first_use = mask & ~used_earlier  # (2B, T-1)
+    used_earlier = (same & before & mask[:, None, :]).any(-1)  # (N, T-1) a_j already used before j
+    first_use = mask & ~used_earlier  # (N, T-1)
     return before & first_use[:, None, :] & mask[:, :, None] & ~same
 
 
@@ -72,7 +72,7 @@ def repetition_unlikelihood(logp_earlier, labels):
     """logp_earlier: (2B, T-1, T-1) log pi~(a_j | s_t) for every state t and every action a_j of the
     same row; labels: (2B, T). Returns −Σ_t Σ_{c in C_t} log(1 − pi~(c|s_t)) / (number of chosen
     tokens), C_t = earlier_tokens, over the chosen rows (the first B)."""
-    _, mask = next_tokens(labels)  # (2B, T-1)
-    candidates = earlier_tokens(labels).chunk(2)[0]  # (B, T-1, T-1)
+    chosen = labels.chunk(2)[0]  # (B, T)
+    candidates = earlier_tokens(chosen)  # (B, T-1, T-1)
     p = logp_earlier.chunk(2)[0].exp().clamp(max=1 - 1e-6)  # (B, T-1, T-1)
-    return -(torch.log1p(-p) * candidates).sum() / mask.chunk(2)[0].sum().clamp(min=1)
+    return -(torch.log1p(-p) * candidates).sum() / next_tokens(chosen)[1].sum().clamp(min=1)

@@ -33,8 +33,8 @@ def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, worl
             "base_heads": args.chain,  # the heads this one is stacked on (model.chain_of)
             **{k: getattr(args, k) for k in
                ("alpha0", "alpha_tilde", "gamma", "beta", "nll", "unlikelihood", "cut", "cutoff", "max_prompt", "lr",
-                "epochs", "batch_size", "grad_accum", "seed", "head_width", "head_layers", "head_heads", "lora_rank", "lora_modules", "data",
-                "test_data", "split", "test_fraction", "split_seed", "train_limit", "eval_limit")}, **progress}
+                "epochs", "batch_size", "grad_accum", "seed", "head_width", "head_layers", "head_heads", "lora_rank",
+                "lora_modules", "data", "test_data", "split", "test_fraction", "split_seed", "train_limit", "eval_limit")}, **progress}
     loading.save_adapter(tmp, adapter.head, meta)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), **progress}, tmp / "trainer_state.pt")
