@@ -8,8 +8,9 @@ Every method is a *policy* over the next token, read at the states of a batch of
 
 One forward pass of a checkpoint gives its policy and pi1 together (Q-Adapter: the head reads the
 frozen hidden states; LoRA: the same model with the adapter switched off), and for Q-Adapter every
-decode-time α0 of `--alpha0` at once. From them (the benchmarks excepted: lm-eval runs each policy,
-every α0 included, on its own):
+decode-time α0 of `--alpha0` at once. From them (the benchmarks: lm-eval runs each policy on its
+own, but the α0 of one Q-Adapter share their log-likelihood passes, support/lm_eval_model.Sweep;
+answers written for generation tasks are decoded once per α0):
 
 Learned the preference?
   pairwise accuracy on held-out pairs, with each method's own implicit reward: Q-Adapter the
@@ -96,6 +97,11 @@ class FrozenPolicy:
         from support.lm_eval_model import CausalLMPolicy
         return {"frozen": CausalLMPolicy(self.base)}
 
+    def lm_sweep(self, names):
+        """A support/lm_eval_model.Sweep over this checkpoint's policies among names that can share a
+        forward pass for lm-eval (several decode-time α0 of one Q-Adapter), or None."""
+        return None
+
     def window_logp1(self, ids, mask, states):
         hidden = self.base.get_decoder()(input_ids=ids, attention_mask=mask,
                                          position_ids=M.positions(mask)).last_hidden_state  # (B, T, D)
@@ -132,6 +138,11 @@ class QAdapterPolicy(FrozenPolicy):
         from support.lm_eval_model import CausalLMPolicy, CustomisedPolicy
         return {"frozen": CausalLMPolicy(self.base),
                 **{name: CustomisedPolicy(self.adapter, a0, at) for (a0, at), name in zip(self.alphas, self.names)}}
+
+    def lm_sweep(self, names):
+        from support.lm_eval_model import Sweep
+        alphas = {name: a for a, name in zip(self.alphas, self.names) if name in names}
+        return Sweep(self.adapter, alphas) if len(alphas) > 1 else None
 
     def policy_name(self, alpha0, alpha_tilde):
         trained = (alpha0, alpha_tilde) == (self.config["alpha0"], self.config["alpha_tilde"])
@@ -429,9 +440,11 @@ class Benchmarks:
         import lm_eval
         from support.lm_eval_model import PolicyLM
         result = {}
+        sweep = policy.lm_sweep(names)
         for name, lm_policy in policy.lm_policies().items():
             if name in names:
-                lm = PolicyLM(lm_policy, tokenizer, batch_size, max_length=self.max_length)
+                lm = PolicyLM(lm_policy, tokenizer, batch_size, max_length=self.max_length,
+                              sweep=(sweep, name) if sweep is not None and name in sweep.alphas else None)
                 out = lm_eval.simple_evaluate(model=lm, tasks=self.specs, task_manager=self.manager,
                                               samples=self.samples, num_fewshot=self.num_fewshot,
                                               log_samples=False, bootstrap_iters=1000)

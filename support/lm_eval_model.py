@@ -9,6 +9,8 @@ KV-cached decoding step:
                                       adapter_off=peft_model.disable_adapter scores pi1 of that model
   CustomisedPolicy(adapter, α0, α̃)    pi~ = softmax((Q_R + α0·log pi1) / α̃) of a model.QAdapter: one
                                       head, a stacked chain or a weighted composition (never the head alone)
+  Sweep(adapter, {name: (α0, α̃)})     several pi~ of one adapter from one forward pass (an α0 sweep):
+                                      PolicyLM(CustomisedPolicy(...), ..., sweep=(sweep, name)) for each
 
 The three request kinds of lm-eval, as its own HFLM answers them (the same tokenisation, truncation
 and windows, so a zero head with α0 = α̃ gives HFLM's numbers: tests/test_lm_eval.py):
@@ -104,6 +106,38 @@ class CustomisedPolicy:
         return logits, (base_cache, head_cache)
 
 
+class Sweep:
+    """Several customised policies of one model.QAdapter, {name: (α0, α̃)}, scored together: one
+    forward pass gives Q_R and log pi1, and each policy's log pi~ is read from them, so an α0 sweep
+    costs one pass instead of one per α0 (the plain way: a CustomisedPolicy each; tested equal).
+    Each policy gets its own PolicyLM(..., sweep=(sweep, name)); the first to score a log-likelihood
+    request keeps the other policies' answers here, and their PolicyLMs read them instead of scoring."""
+
+    def __init__(self, adapter, alphas):
+        self.adapter, self.alphas = adapter, dict(alphas)
+        self.answers = {name: {} for name in self.alphas}  # name -> {(context ids, continuation ids): answer}
+
+    def logps(self, ids, mask, states):
+        """(name, log pi~ (B, W, V)) for each policy, from one QAdapter.forward."""
+        q_r, logp1, *_ = self.adapter(ids, mask, states)  # (B, W, V) each
+        for name, (alpha0, alpha_tilde) in self.alphas.items():
+            yield name, torch.log_softmax(customised_logits(q_r, logp1, alpha0, alpha_tilde), dim=-1)
+
+    @staticmethod
+    def key(request):
+        _, context, continuation = request
+        return tuple(context), tuple(continuation)
+
+    def keep(self, name, request, answer):
+        self.answers[name][self.key(request)] = answer
+
+    def kept(self, name, requests):
+        """name's kept answers to the requests, in order; None unless every one was kept."""
+        keys = [self.key(request) for request in requests]
+        answers = self.answers[name]
+        return [answers[k] for k in keys] if all(k in answers for k in keys) else None
+
+
 # ------------------------------------------------------------------------------------------------
 # the lm-eval model
 
@@ -117,12 +151,17 @@ class PolicyLM(TemplateLM):
     share_inputs: requests whose model inputs are the same token for token (the choices of a
     multiple-choice question that differ only in their last token: MMLU's " A" .. " D") share one
     forward pass, as HFLM's logits cache does; False scores every request on its own (the plain
-    path; tests/test_lm_eval.py checks both give the same numbers)."""
+    path; tests/test_lm_eval.py checks both give the same numbers).
+    sweep: (Sweep, this policy's name in it), for the policies of an α0 sweep: log-likelihoods are
+    scored for all of them at once, or read from what an earlier one kept (decoding is not shared)."""
 
     def __init__(self, policy, tokenizer, batch_size=8, max_length=None, max_gen_toks=256, max_scored=4096,
-                 seed=0, share_inputs=True):
+                 seed=0, share_inputs=True, sweep=None):
         super().__init__()
         self.policy, self.tokenizer, self.share_inputs = policy, tokenizer, share_inputs
+        self.sweep, self.sweep_name = sweep if sweep is not None else (None, None)
+        if self.sweep is not None and self.sweep_name not in self.sweep.alphas:
+            raise ValueError(f"PolicyLM: {self.sweep_name!r} is not a policy of the sweep ({', '.join(self.sweep.alphas)})")
         self.batch_size, self.max_scored, self._max_gen_toks, self.seed = int(batch_size), max_scored, max_gen_toks, seed
         self._max_length = max_length
         self._device = next(policy.model.parameters()).device
@@ -187,7 +226,14 @@ class PolicyLM(TemplateLM):
         without its last token, cut from the left to max_length; the last len(continuation) states
         score the continuation. Requests with the same input and number of scored states read the
         same log-probs (they differ at most in the continuation's last token): with share_inputs,
-        one row of the batch serves them all."""
+        one row of the batch serves them all. In a sweep, every policy's answers come from the same
+        rows: this policy's are returned, the others' kept for them."""
+        kept = self.sweep.kept(self.sweep_name, requests) if self.sweep is not None else None
+        if kept is not None:
+            for request, answer in zip(requests, kept):
+                if request[0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", request[0], answer)
+            return kept
         rows, readers, row_of = [], [], {}  # readers[i]: the requests that row i scores
         for k, (_, ctx, cont) in enumerate(requests):
             assert ctx and cont and len(cont) <= self.max_length
@@ -209,18 +255,29 @@ class PolicyLM(TemplateLM):
                 inp, n = rows[i]
                 ids[j, :len(inp)], mask[j, :len(inp)] = torch.tensor(inp), 1
                 states[j, :n] = torch.arange(len(inp) - n, len(inp))
-            logp = self.policy.logp(ids.to(self._device), mask.to(self._device), states.to(self._device))  # (B, W, V)
-            for j, i in enumerate(idx):
-                row = logp[j, :rows[i][1]]  # (n, V)
-                for k in readers[i]:
-                    cont = torch.tensor(requests[k][2], device=logp.device)  # (n,)
-                    answer = (float(row.gather(-1, cont[:, None]).sum()), bool((row.argmax(-1) == cont).all()))
-                    results[k] = answer
-                    if requests[k][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[k][0], answer)
-                bar.update(len(readers[i]))
+            for name, logp in self._logps(ids.to(self._device), mask.to(self._device), states.to(self._device)):
+                for j, i in enumerate(idx):
+                    row = logp[j, :rows[i][1]]  # (n, V)
+                    for k in readers[i]:
+                        cont = torch.tensor(requests[k][2], device=logp.device)  # (n,)
+                        answer = (float(row.gather(-1, cont[:, None]).sum()), bool((row.argmax(-1) == cont).all()))
+                        if name != self.sweep_name:  # another policy of the sweep: kept for it
+                            self.sweep.keep(name, requests[k], answer)
+                            continue
+                        results[k] = answer
+                        if requests[k][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[k][0], answer)
+            bar.update(sum(len(readers[i]) for i in idx))
         bar.close()
         return results
+
+    def _logps(self, ids, mask, states):
+        """(policy name, log pi (B, W, V)) at the states: this policy's alone (name None), or in a
+        sweep every policy's from one forward pass."""
+        if self.sweep is None:
+            yield None, self.policy.logp(ids, mask, states)
+        else:
+            yield from self.sweep.logps(ids, mask, states)
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
         """Σ log pi over each whole text, each token predicted once, in disjoint windows of at most

@@ -211,3 +211,29 @@ def test_a_lora_policy_and_its_frozen_model(base, tokenizer, tiny_path):
     frozen = hflm(loading.load_base(tiny_path)[0], tokenizer).loglikelihood(reqs)
     assert [a for a, _ in off] == pytest.approx([a for a, _ in frozen], abs=1e-4)
     assert all(abs(a - b) > 1e-3 for (a, _), (b, _) in zip(on, off))
+
+
+def test_an_alpha0_sweep_scores_every_policy_in_one_forward_pass(base, tokenizer):
+    """Sweep: three decode-time α0 of one head share their log-likelihood passes. Each policy's
+    answers equal its own CustomisedPolicy's (the plain way), the first PolicyLM forwards the rows
+    once for all three, and the other two read what it kept, forwarding nothing."""
+    alphas = {"a": (0.5, 0.5), "b": (1.0, 1.0), "c": (2.0, 3.0)}
+    adapter = customised(base, zero=False).adapter
+    reqs = instances("loglikelihood", REQUESTS)
+    plain = {name: L.PolicyLM(L.CustomisedPolicy(adapter, *a), tokenizer, batch_size=2).loglikelihood(reqs)
+             for name, a in alphas.items()}
+    sweep = L.Sweep(adapter, alphas)
+    calls, forward = [], sweep.adapter.forward
+    sweep.adapter.forward = lambda *args, **kw: calls.append(1) or forward(*args, **kw)
+    try:
+        shared = {name: L.PolicyLM(L.CustomisedPolicy(adapter, *a), tokenizer, batch_size=2,
+                                   sweep=(sweep, name)).loglikelihood(reqs) for name, a in alphas.items()}
+    finally:
+        del sweep.adapter.forward
+    assert len(calls) == 3  # 5 requests in batches of 2, once, for all three policies
+    for name in alphas:
+        for (a, greedy_a), (b, greedy_b) in zip(shared[name], plain[name]):
+            assert a == pytest.approx(b, abs=1e-6) and greedy_a == greedy_b
+    assert len({round(shared[name][0][0], 4) for name in alphas}) == 3  # three policies, three values
+    with pytest.raises(ValueError, match="not a policy of the sweep"):
+        L.PolicyLM(L.CustomisedPolicy(adapter), tokenizer, sweep=(sweep, "d"))
