@@ -97,11 +97,6 @@ class FrozenPolicy:
         from support.lm_eval_model import CausalLMPolicy
         return {"frozen": CausalLMPolicy(self.base)}
 
-    def lm_sweep(self, names):
-        """A support/lm_eval_model.Sweep over this checkpoint's policies among names that can share a
-        forward pass for lm-eval (several decode-time α0 of one Q-Adapter), or None."""
-        return None
-
     def window_logp1(self, ids, mask, states):
         hidden = self.base.get_decoder()(input_ids=ids, attention_mask=mask,
                                          position_ids=M.positions(mask)).last_hidden_state  # (B, T, D)
@@ -138,11 +133,6 @@ class QAdapterPolicy(FrozenPolicy):
         from support.lm_eval_model import CausalLMPolicy, CustomisedPolicy
         return {"frozen": CausalLMPolicy(self.base),
                 **{name: CustomisedPolicy(self.adapter, a0, at) for (a0, at), name in zip(self.alphas, self.names)}}
-
-    def lm_sweep(self, names):
-        from support.lm_eval_model import Sweep
-        alphas = {name: a for a, name in zip(self.alphas, self.names) if name in names}
-        return Sweep(self.adapter, alphas) if len(alphas) > 1 else None
 
     def policy_name(self, alpha0, alpha_tilde):
         trained = (alpha0, alpha_tilde) == (self.config["alpha0"], self.config["alpha_tilde"])
@@ -438,17 +428,18 @@ class Benchmarks:
         """{policy name: {task/acc, task/acc_stderr, task/acc_norm, task/acc_norm_stderr, task/n}} for
         the policies of `policy` (and pi1) that are in names."""
         import lm_eval
-        from support.lm_eval_model import PolicyLM
+        from support.lm_eval_model import CustomisedPolicy, PolicyLM, Sweep
         result = {}
-        sweep = policy.lm_sweep(names)
-        for name, lm_policy in policy.lm_policies().items():
-            if name in names:
-                lm = PolicyLM(lm_policy, tokenizer, batch_size, max_length=self.max_length,
-                              sweep=(sweep, name) if sweep is not None and name in sweep.alphas else None)
-                out = lm_eval.simple_evaluate(model=lm, tasks=self.specs, task_manager=self.manager,
-                                              samples=self.samples, num_fewshot=self.num_fewshot,
-                                              log_samples=False, bootstrap_iters=1000)
-                result[name] = task_metrics(out, self.names)
+        policies = {name: p for name, p in policy.lm_policies().items() if name in names}
+        customised = {name: p for name, p in policies.items() if isinstance(p, CustomisedPolicy)}
+        sweep = Sweep(customised) if len(customised) > 1 else None  # the α0 of one checkpoint: one pass
+        for name, lm_policy in policies.items():
+            lm = PolicyLM(lm_policy, tokenizer, batch_size, max_length=self.max_length,
+                          sweep=(sweep, name) if sweep is not None and name in customised else None)
+            out = lm_eval.simple_evaluate(model=lm, tasks=self.specs, task_manager=self.manager,
+                                          samples=self.samples, num_fewshot=self.num_fewshot,
+                                          log_samples=False, bootstrap_iters=1000)
+            result[name] = task_metrics(out, self.names)
         return result
 
 

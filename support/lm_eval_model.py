@@ -9,8 +9,8 @@ KV-cached decoding step:
                                       adapter_off=peft_model.disable_adapter scores pi1 of that model
   CustomisedPolicy(adapter, α0, α̃)    pi~ = softmax((Q_R + α0·log pi1) / α̃) of a model.QAdapter: one
                                       head, a stacked chain or a weighted composition (never the head alone)
-  Sweep(adapter, {name: (α0, α̃)})     several pi~ of one adapter from one forward pass (an α0 sweep):
-                                      PolicyLM(CustomisedPolicy(...), ..., sweep=(sweep, name)) for each
+  Sweep({name: CustomisedPolicy})     several pi~ of one adapter from one forward pass (an α0 sweep):
+                                      PolicyLM(policy, ..., sweep=(sweep, name)) for each
 
 The three request kinds of lm-eval, as its own HFLM answers them (the same tokenisation, truncation
 and windows, so a zero head with α0 = α̃ gives HFLM's numbers: tests/test_lm_eval.py):
@@ -94,7 +94,11 @@ class CustomisedPolicy:
 
     def logp(self, ids, mask, states):
         q_r, logp1, *_ = self.adapter(ids, mask, states)  # (B, W, V) each
-        return torch.log_softmax(customised_logits(q_r, logp1, self.alpha0, self.alpha_tilde), dim=-1)  # log pi~
+        return self.logp_from(q_r, logp1)
+
+    def logp_from(self, q_r, logp1):
+        """log pi~ (B, W, V) from the adapter's Q_R and log pi1 at the same states (B, W, V each)."""
+        return torch.log_softmax(customised_logits(q_r, logp1, self.alpha0, self.alpha_tilde), dim=-1)
 
     def new_caches(self):
         return DynamicCache(config=self.model.config), self.adapter.new_head_cache()
@@ -107,21 +111,26 @@ class CustomisedPolicy:
 
 
 class Sweep:
-    """Several customised policies of one model.QAdapter, {name: (α0, α̃)}, scored together: one
-    forward pass gives Q_R and log pi1, and each policy's log pi~ is read from them, so an α0 sweep
-    costs one pass instead of one per α0 (the plain way: a CustomisedPolicy each; tested equal).
-    Each policy gets its own PolicyLM(..., sweep=(sweep, name)); the first to score a log-likelihood
-    request keeps the other policies' answers here, and their PolicyLMs read them instead of scoring."""
+    """Several CustomisedPolicy of one model.QAdapter, {name: policy}, scored together: one forward
+    pass gives Q_R and log pi1, and each policy's log pi~ is read from them, so an α0 sweep costs
+    one pass instead of one per α0 (the plain way: each policy's own logp; tested equal). Each
+    policy gets its own PolicyLM(policy, ..., sweep=(sweep, name)); the first to score a
+    log-likelihood request keeps the other policies' answers here, and their PolicyLMs read them
+    instead of scoring."""
 
-    def __init__(self, adapter, alphas):
-        self.adapter, self.alphas = adapter, dict(alphas)
-        self.answers = {name: {} for name in self.alphas}  # name -> {(context ids, continuation ids): answer}
+    def __init__(self, policies):
+        self.policies = dict(policies)
+        adapters = {id(policy.adapter) for policy in self.policies.values()}
+        if len(adapters) != 1:
+            raise ValueError(f"Sweep: the policies must share one adapter (got {len(adapters)})")
+        self.adapter = next(iter(self.policies.values())).adapter
+        self.answers = {name: {} for name in self.policies}  # name -> {(context ids, continuation ids): answer}
 
     def logps(self, ids, mask, states):
         """(name, log pi~ (B, W, V)) for each policy, from one QAdapter.forward."""
         q_r, logp1, *_ = self.adapter(ids, mask, states)  # (B, W, V) each
-        for name, (alpha0, alpha_tilde) in self.alphas.items():
-            yield name, torch.log_softmax(customised_logits(q_r, logp1, alpha0, alpha_tilde), dim=-1)
+        for name, policy in self.policies.items():
+            yield name, policy.logp_from(q_r, logp1)
 
     @staticmethod
     def key(request):
@@ -160,8 +169,9 @@ class PolicyLM(TemplateLM):
         super().__init__()
         self.policy, self.tokenizer, self.share_inputs = policy, tokenizer, share_inputs
         self.sweep, self.sweep_name = sweep if sweep is not None else (None, None)
-        if self.sweep is not None and self.sweep_name not in self.sweep.alphas:
-            raise ValueError(f"PolicyLM: {self.sweep_name!r} is not a policy of the sweep ({', '.join(self.sweep.alphas)})")
+        if self.sweep is not None and self.sweep.policies.get(self.sweep_name) is not policy:
+            raise ValueError(f"PolicyLM: {self.sweep_name!r} is not this policy's name in the sweep "
+                             f"({', '.join(self.sweep.policies)})")
         self.batch_size, self.max_scored, self._max_gen_toks, self.seed = int(batch_size), max_scored, max_gen_toks, seed
         self._max_length = max_length
         self._device = next(policy.model.parameters()).device

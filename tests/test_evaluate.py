@@ -80,27 +80,22 @@ def test_policy_identical_to_the_frozen_model_has_kl_0_and_the_same_scores(token
     assert pw["qa α0=1"]["likelihood_accuracy"] == pw["frozen"]["likelihood_accuracy"]
 
 
-def test_an_alpha0_sweep_shares_its_benchmark_passes_and_keeps_each_policys_numbers(tokenizer):
-    """QAdapterPolicy.lm_sweep: the α0 of one checkpoint that lm-eval scores share one Sweep, wired
-    to the same (α0, α̃) as each name's own CustomisedPolicy: read through the sweep, every policy's
-    log-likelihoods are the ones it gives alone. A single α0 has nothing to share."""
-    from lm_eval.api.instance import Instance
-    from support.lm_eval_model import PolicyLM
+def test_an_alpha0_sweep_shares_its_benchmark_passes_and_keeps_each_policys_numbers(tokenizer, files):
+    """Benchmarks.score over two decode-time α0 of one checkpoint: one Sweep, so the adapter runs
+    as often as for one α0 scored alone, and each α0's scores are the ones it gets alone."""
     adapter, config = q_adapter(tokenizer, zero=False)
     policy = E.QAdapterPolicy(adapter, config, [(0.5, 0.5), (2.0, 3.0)], "qa")
-    assert policy.lm_sweep({"qa α0=0.5", "frozen"}) is None and E.FrozenPolicy(adapter.base).lm_sweep({"frozen"}) is None
-    sweep = policy.lm_sweep({"qa α0=0.5", "qa α0=2", "frozen"})
-    assert set(sweep.alphas) == {"qa α0=0.5", "qa α0=2"}
-    reqs = [Instance("loglikelihood", {}, ("Question: What colour is the sky?\nAnswer:", c), i)
-            for i, c in enumerate([" blue", " green and loud"])]
-    values = {}
-    for name, lm_policy in policy.lm_policies().items():
-        if name in sweep.alphas:
-            shared = PolicyLM(lm_policy, tokenizer, sweep=(sweep, name)).loglikelihood(reqs)
-            alone = PolicyLM(lm_policy, tokenizer).loglikelihood(reqs)
-            assert [v for v, _ in shared] == pytest.approx([v for v, _ in alone], abs=1e-6)
-            values[name] = shared[1][0]
-    assert abs(values["qa α0=0.5"] - values["qa α0=2"]) > 1e-2
+    calls, forward = [], adapter.forward
+    adapter.forward = lambda *args, **kw: calls.append(1) or forward(*args, **kw)
+    try:
+        benchmarks = arc_and_mmlu(files)
+        together = benchmarks.score(policy, tokenizer, {"qa α0=0.5", "qa α0=2"}, 3)
+        forwards_together = len(calls)
+        alone = {name: benchmarks.score(policy, tokenizer, {name}, 3)[name] for name in ("qa α0=0.5", "qa α0=2")}
+    finally:
+        del adapter.forward
+    assert forwards_together == (len(calls) - forwards_together) / 2 > 0
+    assert together == alone
 
 
 @pytest.mark.parametrize("cut", ["terminal", "bootstrap"])

@@ -219,21 +219,23 @@ def test_an_alpha0_sweep_scores_every_policy_in_one_forward_pass(base, tokenizer
     once for all three, and the other two read what it kept, forwarding nothing."""
     alphas = {"a": (0.5, 0.5), "b": (1.0, 1.0), "c": (2.0, 3.0)}
     adapter = customised(base, zero=False).adapter
+    policies = {name: L.CustomisedPolicy(adapter, *a) for name, a in alphas.items()}
     reqs = instances("loglikelihood", REQUESTS)
-    plain = {name: L.PolicyLM(L.CustomisedPolicy(adapter, *a), tokenizer, batch_size=2).loglikelihood(reqs)
-             for name, a in alphas.items()}
-    sweep = L.Sweep(adapter, alphas)
-    calls, forward = [], sweep.adapter.forward
-    sweep.adapter.forward = lambda *args, **kw: calls.append(1) or forward(*args, **kw)
+    plain = {name: L.PolicyLM(p, tokenizer, batch_size=2).loglikelihood(reqs) for name, p in policies.items()}
+    sweep = L.Sweep(policies)
+    calls, forward = [], adapter.forward
+    adapter.forward = lambda *args, **kw: calls.append(1) or forward(*args, **kw)
     try:
-        shared = {name: L.PolicyLM(L.CustomisedPolicy(adapter, *a), tokenizer, batch_size=2,
-                                   sweep=(sweep, name)).loglikelihood(reqs) for name, a in alphas.items()}
+        shared = {name: L.PolicyLM(p, tokenizer, batch_size=2, sweep=(sweep, name)).loglikelihood(reqs)
+                  for name, p in policies.items()}
     finally:
-        del sweep.adapter.forward
+        del adapter.forward
     assert len(calls) == 3  # 5 requests in batches of 2, once, for all three policies
     for name in alphas:
         for (a, greedy_a), (b, greedy_b) in zip(shared[name], plain[name]):
             assert a == pytest.approx(b, abs=1e-6) and greedy_a == greedy_b
     assert len({round(shared[name][0][0], 4) for name in alphas}) == 3  # three policies, three values
-    with pytest.raises(ValueError, match="not a policy of the sweep"):
-        L.PolicyLM(L.CustomisedPolicy(adapter), tokenizer, sweep=(sweep, "d"))
+    with pytest.raises(ValueError, match="not this policy's name in the sweep"):
+        L.PolicyLM(policies["a"], tokenizer, sweep=(sweep, "b"))
+    with pytest.raises(ValueError, match="share one adapter"):
+        L.Sweep({"a": policies["a"], "other": customised(base, zero=False)})
