@@ -12,7 +12,7 @@ PY := .venv/bin/python
 	touch $@
 
 demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M: answers a child would understand), then show what it writes
-	$(PY) train.py --out-dir runs/demo --overwrite --samples 0 --epochs 3 --unlikelihood 3
+	$(PY) train.py --out-dir runs/demo --overwrite --samples 0 --epochs 3 --nll 1 --unlikelihood 3
 	$(PY) demo/show.py runs/demo --limit 48 --alpha0 0.08
 
 test: .venv/eval-installed  ## the test suite (about 2.5 min on 2 idle CPU cores)

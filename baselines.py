@@ -8,6 +8,8 @@ three the same way. Only the loss and what is trained differ:
   SFT   L = −mean_t log pi(a_t | s_t)        over the chosen responses' tokens (y_w only)
   DPO   L = −log σ( β·[(log pi(y_w|x) − log pi_ref(y_w|x)) − (log pi(y_l|x) − log pi_ref(y_l|x))] )
         (Rafailov et al. 2023, eq. 7; TRL's "sigmoid" loss), log p(y|x) summed over response tokens
+  RPO   DPO + λ·(SFT's loss on the chosen responses), with --method dpo --nll λ (Pang et al. 2024):
+        the twin of train.py --nll λ, the same term added to Q-Adapter's loss
 
 pi is the base model with a trainable LoRA adapter (peft); the reference pi_ref is the same model with
 the adapter disabled, i.e. the frozen pi1. Unlike Q-Adapter, pi's weights change, so what the base
@@ -20,7 +22,8 @@ for both methods (SFT does not train on it; it is the same yardstick).
 
 Writes to --out-dir: metrics.jsonl, summary.json, and checkpoint/ = adapter_model.safetensors +
 adapter_config.json (peft's format) + config.json ({"method": "dpo" | "sft", "base_model", ...}).
-The Q-head flags (--head-*, --alpha0, --alpha-tilde, --gamma, --beta, --nll, --cut, --cache-gb) are ignored here.
+The Q-head flags (--q-head, --head-*, --lora-rank, --lora-modules, --alpha0, --alpha-tilde, --gamma, --beta,
+--path, --cache-*) are ignored here; --nll is RPO's weight (DPO only); --unlikelihood is refused.
 """
 import json
 import math
@@ -37,7 +40,8 @@ from tqdm import tqdm
 import data
 import model as M
 import train
-from residual_q import gather_actions, next_tokens, scored_states
+from bt_loss import reward_metrics
+from residual_q import gather_actions, kl_divergence, next_tokens, scored_states
 from support import cli, loading, run_state
 
 METHODS = ("sft", "dpo")
@@ -70,6 +74,8 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --dpo-beta must be positive, got {args.dpo_beta}")
     if args.unlikelihood:
         raise SystemExit("error: --unlikelihood is a term of train.py's Q-head loss; baselines.py does not add it")
+    if args.nll and args.method != "dpo":
+        raise SystemExit("error: --nll adds the chosen answers' NLL to DPO (RPO); SFT's loss is that NLL already")
     return args
 
 
@@ -84,22 +90,14 @@ def dpo_loss(policy_logps, ref_logps, beta):
         L = −log σ( β·[(log pi(y_w) − log ref(y_w)) − (log pi(y_l) − log ref(y_l))] )"""
     rewards = beta * (policy_logps - ref_logps)  # (2B,) implicit rewards β·log pi/ref
     chosen, rejected = rewards.chunk(2)  # (B,), (B,)
-    margins = chosen - rejected  # (B,)
-    loss = -F.logsigmoid(margins).mean()
-    return loss, reward_metrics(loss, chosen, rejected)
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss, {"loss": loss.detach(), **reward_metrics(chosen, rejected)}
 
 
 def sft_loss(token_logps, mask):
     """token_logps: (B, T-1) log pi(a_t | s_t) of the chosen rows; mask: (B, T-1) their response
     tokens. L = −(Σ log pi over the chosen response tokens) / (number of those tokens)."""
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
-
-
-def reward_metrics(loss, chosen, rejected):
-    margins = chosen - rejected
-    return {"loss": loss.detach(), "rewards/chosen": chosen.detach().mean(),
-            "rewards/rejected": rejected.detach().mean(), "rewards/margins": margins.detach().mean(),
-            "rewards/accuracies": (margins > 0).float().mean().detach()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +136,13 @@ def batch_loss(peft_model, batch, args, device):
     token_logps, response = token_logprobs(lm, ids, mask, labels)  # (rows, W-1)
     policy_logps = token_logps.sum(-1)  # (rows,) log pi(y|x)
     if args.method == "dpo":
-        return dpo_loss(policy_logps, ref_logps, args.dpo_beta)
+        loss, metrics = dpo_loss(policy_logps, ref_logps, args.dpo_beta)
+        if args.nll > 0:  # RPO: the chosen answers' NLL, as train.py --nll adds it to Q-Adapter's loss
+            B = ids.shape[0] // 2
+            nll = sft_loss(token_logps[:B], response[:B])
+            loss, metrics["loss/nll"] = loss + args.nll * nll, nll.detach()
+            metrics["loss"] = loss.detach()
+        return loss, metrics
     loss = sft_loss(token_logps, response)
     chosen_reward = args.dpo_beta * (policy_logps - ref_logps).detach().mean()
     return loss, {"loss": loss.detach(), "rewards/chosen": chosen_reward}
@@ -169,7 +173,7 @@ def evaluate(peft_model, test_set, args, device, collate):
         loss, metrics = dpo_loss(policy.sum(-1), ref.sum(-1), args.dpo_beta)
         if args.method == "sft":
             metrics["loss"] = sft_loss(policy.chunk(2)[0], response.chunk(2)[0])
-        kl = (logp.exp() * (logp - logp_ref)).sum(-1)[:, :-1]  # (2B, W-1) KL at the states s_t
+        kl = kl_divergence(logp, logp_ref)[:, :-1]  # (2B, W-1) KL(pi ‖ pi_ref) at the states s_t
         kl_sum += float((kl * response).sum())
         kl_tokens += int(response.sum())
         frozen_chosen, frozen_rejected = ref.sum(-1).chunk(2)
@@ -211,7 +215,7 @@ def save_checkpoint(out_dir, peft_model, progress, args):
     tmp.mkdir(parents=True)
     peft_model.save_pretrained(tmp, safe_serialization=True)
     meta = {"method": args.method, "base_model": args.base_model, **{k: getattr(args, k) for k in
-            ("dpo_beta", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "cutoff", "max_prompt",
+            ("dpo_beta", "nll", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "cutoff", "max_prompt",
              "lr", "epochs", "batch_size", "grad_accum", "seed", "data", "test_data", "split",
              "test_fraction", "split_seed")}, **progress}
     (tmp / loading.CONFIG_FILE).write_text(json.dumps(meta, indent=2))

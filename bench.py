@@ -81,7 +81,7 @@ def parse_args(argv=None):
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-model", default="embedded:SmolLM2-135M-Instruct",
                     help="frozen model: a Hugging Face hub name or local path (default: the embedded SmolLM2)")
-    ap.add_argument("--data", default=str(HERE / "demo" / "concise_train.jsonl"),
+    ap.add_argument("--data", default=str(HERE / "demo" / "child_train.jsonl"),
                     help="preference pairs; the benchmark batch is the first --batch-size of them")
     ap.add_argument("--batch-size", type=int, default=8, help="pairs per training step (2x sequences)")
     ap.add_argument("--cutoff", type=int, default=256, help="tokens per sequence at most")
@@ -266,7 +266,8 @@ class Setup:
         torch.manual_seed(0)
         cfg = M.head_config_for(self.base, args.head_width, args.head_layers, args.head_heads)
         self.head = M.QHead(cfg).to(self.device)
-        self.adapter = M.QAdapter(self.base, self.head)
+        self.adapter = M.QAdapter(self.base, self.head, alpha0=self.train_args.alpha0,
+                                  alpha_tilde=self.train_args.alpha_tilde)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -379,8 +380,8 @@ def measure_official(setup, args):
     (Its index conventions differ from the paper's; that changes no cost, so ours are used.)"""
     import torch
     import torch.nn as nn
-    from bt_loss import bt_loss
-    from residual_q import derived_reward, gather_actions, soft_value
+    from bt_loss import q_adapter_loss
+    from residual_q import gather_actions, soft_value
 
     class LoRA(nn.Module):
         """y = W·x + (α/r)·B·A·x, with A random and B zero (so it starts as the frozen layer)."""
@@ -415,8 +416,8 @@ def measure_official(setup, args):
             for m in loras:
                 m.enabled = True
         v = soft_value(q_r, logp1, 0.01, 1.0)  # (B, T)
-        r2 = derived_reward(gather_actions(q_r, labels), v, labels, 1.0)  # (B, T-1)
-        loss, _ = bt_loss(r2, labels, 0.1)
+        loss, _ = q_adapter_loss(gather_actions(q_r, labels), v, gather_actions(logp1, labels), labels, 0.01, 1.0,
+                                 1.0, 0.1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

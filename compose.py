@@ -198,7 +198,7 @@ def main(argv=None):
     adapter, tok, configs = loading.load_composition(args.checkpoint, args.weights[0], device, dtype)
     alphas = (configs[0]["alpha0"], configs[0]["alpha_tilde"])
     eval_args = argparse.Namespace(alpha0=alphas[0], alpha_tilde=alphas[1], gamma=configs[0].get("gamma", 1.0),
-                                   beta=configs[0].get("beta", 0.0), cut=configs[0].get("cut", "terminal"),
+                                   beta=configs[0].get("beta", 0.0),
                                    batch_size=args.batch_size, path="fused")
     collate = lambda examples: data.collate(examples, tok.pad_token_id)  # noqa: E731
     tests = {n: held_out_set(tok, c, args.limit) for n, c in zip(names, configs)}
@@ -241,8 +241,7 @@ def main(argv=None):
     for path in ([args.joint] if args.joint else []) + args.reference:
         other, _, config = loading.load_adapter(path, device, dtype, base=adapter.base, tokenizer=tok)
         other_args = argparse.Namespace(**{**vars(eval_args), "alpha0": config["alpha0"],
-                                           "alpha_tilde": config["alpha_tilde"], "gamma": config.get("gamma", 1.0),
-                                           "cut": config.get("cut", "terminal")})
+                                           "alpha_tilde": config["alpha_tilde"], "gamma": config.get("gamma", 1.0)})
         ref = references.setdefault(name_of(path) + (" (joint)" if path == args.joint else ""), {})
         for n in names:
             m = train.evaluate(other, tests[n], cache_for(n, other), other_args, device, collate)

@@ -17,13 +17,11 @@ The data contract, from a preference pair to a batch the loss can read:
    other than the tokenizer's EOS keeps the whole rendered turn, its trailing text included.
    Long pairs: the prompt keeps its last max_prompt tokens (default cutoff // 2, the last
    question), each response its first tokens up to the cutoff (a cut response is scored as far as
-   it goes; "chosen_cut" / "rejected_cut" say which were cut, and its last state is terminal
-   unless train.py --cut bootstrap, residual_q.derived_reward).
+   it goes, and its last state is terminal: R is the return of that prefix, as DPO scores it).
 
 3. Batches. `collate` stacks B examples into 2B right-padded rows, chosen first:
        input_ids, attention_mask, labels: (2B, T) long; rows 0..B-1 chosen, B..2B-1 rejected;
-       padding: input_ids = pad_id, attention_mask = 0, labels = IGNORE;
-       cut: (2B,) bool, whether the row's response was cut at the cutoff before its end.
+       padding: input_ids = pad_id, attention_mask = 0, labels = IGNORE.
 
 4. Files. `load_pairs(source)` reads a local .jsonl / .json / .parquet file or a hub data set
    (support/data_files.py) and keeps the rows `to_pair` accepts, in the formats TRL accepts:
@@ -63,8 +61,7 @@ class Pair:
 
 def tokenize_pair(tokenizer, pair: Pair, cutoff: int, max_prompt: int | None = None) -> dict | None:
     """{"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}: lists of ints with
-    len(ids) <= cutoff, "chosen_cut" and "rejected_cut": whether that response lost tokens to the
-    cutoff, and "prompt_cut": whether the prompt lost tokens to max_prompt; None when
+    len(ids) <= cutoff, and "prompt_cut": whether the prompt lost tokens to max_prompt; None when
     the prompt leaves no room for a response.
     The prompt keeps its last max_prompt tokens (default cutoff // 2), each response its start."""
     return tokenize_pairs(tokenizer, [pair], cutoff, max_prompt)[0]
@@ -104,7 +101,6 @@ def _example(tokenizer, pair, prompt_ids, chosen_full, rejected_full, cutoff, ma
         response_ids = whole[:room]
         if not response_ids:
             return None
-        example[f"{side}_cut"] = len(response_ids) < len(whole)
         example[f"{side}_ids"] = kept_prompt + response_ids
         example[f"{side}_labels"] = [IGNORE] * len(kept_prompt) + response_ids
     return example
@@ -134,9 +130,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :len(row_ids)] = torch.tensor(row_ids)
         attention_mask[i, :len(row_ids)] = 1
         label_ids[i, :len(row_labels)] = torch.tensor(row_labels)
-    cut = torch.tensor([e["chosen_cut"] for e in examples]
-                       + [e["rejected_cut"] for e in examples])  # (2B,) bool
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids, "cut": cut}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
 
 

@@ -17,7 +17,7 @@ Learned the preference?
     return R(x,y) = Σ_t r2 (residual_q.py); DPO and SFT β·Σ_t log pi/pi1 (Rafailov et al.); the
     frozen model its log-likelihood log pi1(y|x). Plus the mean margin reward(y_w) − reward(y_l).
   adherence (`--adherence`): greedy answers to the test prompts, scored by demo/child.py (the
-    demo's; share "child"), demo/concise.py (--scorer concise), or on DSP by judge.py's style
+    demo's; share "child"), or on DSP by judge.py's style
     classifier (--scorer judge: the share judged in style and the mean style probability, on the
     checkpoint's held-out queries); and the share of degenerate (looping) answers.
 Forgot what it knew?
@@ -65,8 +65,9 @@ from tqdm import tqdm
 
 import data
 import model as M
-from residual_q import (IGNORE, derived_reward, gather_actions, next_tokens, response_return,
-                        scored_states, soft_value)
+from bt_loss import reward_metrics
+from residual_q import (IGNORE, customised_logprobs, derived_reward, gather_actions, kl_divergence, next_tokens,
+                        response_return, scored_states, soft_value)
 from support import cli, data_files, loading
 
 HERE = Path(__file__).resolve().parent
@@ -81,7 +82,7 @@ def token_stats(logp, logp1, labels):
     Returns (token_logp, kl), each (B, W-1), zero where no response token is taken:
     log pi(a_t|s_t), and KL(pi(·|s_t) ‖ pi1(·|s_t)) = Σ_a pi (log pi − log pi1)."""
     _, mask = next_tokens(labels)  # (B, W-1)
-    kl = (logp.exp() * (logp - logp1)).sum(-1)[:, :-1] * mask  # (B, W-1)
+    kl = kl_divergence(logp, logp1)[:, :-1] * mask  # (B, W-1)
     return gather_actions(logp, labels), kl
 
 
@@ -104,17 +105,16 @@ class FrozenPolicy:
         return torch.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
-    def score(self, ids, mask, labels, cut):
-        """ids, mask, labels: (B, T), right-padded; cut (B,): the rows whose response was cut at the
-        cutoff. Returns {policy name: (token_logp, kl, ret)} with token_logp, kl (B, W-1) and ret (B,)
-        the policy's implicit return, and "frozen" for pi1."""
+    def score(self, ids, mask, labels):
+        """ids, mask, labels: (B, T), right-padded. Returns {policy name: (token_logp, kl, ret)} with
+        token_logp, kl (B, W-1) and ret (B,) the policy's implicit return, and "frozen" for pi1."""
         n = int(mask.sum(-1).max())  # columns that are padding in every row are skipped
         ids, mask, labels = ids[:, :n], mask[:, :n], labels[:, :n]
         states, window_labels = scored_states(labels)  # (B, W)
-        out = self._score(ids, mask, states, window_labels, cut)
+        out = self._score(ids, mask, states, window_labels)
         return out, window_labels
 
-    def _score(self, ids, mask, states, labels, cut):
+    def _score(self, ids, mask, states, labels):
         logp1 = self.window_logp1(ids, mask, states)  # (B, W, V)
         token_logp, kl = token_stats(logp1, logp1, labels)
         return {"frozen": (token_logp, kl, token_logp.sum(-1))}
@@ -138,7 +138,7 @@ class QAdapterPolicy(FrozenPolicy):
         trained = (alpha0, alpha_tilde) == (self.config["alpha0"], self.config["alpha_tilde"])
         return self.name if trained and len(self.alphas) == 1 else f"{self.name} α0={alpha0:g}"
 
-    def _score(self, ids, mask, states, labels, cut):
+    def _score(self, ids, mask, states, labels):
         q_r, logp1, *_ = self.adapter(ids, mask, states)  # (B, W, V) each
         # a head stacked on earlier heads customises their policy (model.QAdapter.prior): its log pi1
         # is then not the base model's, which the frozen row and the KL are about
@@ -146,11 +146,10 @@ class QAdapterPolicy(FrozenPolicy):
         token_logp1, _ = token_stats(base_logp, base_logp, labels)
         out = {"frozen": (token_logp1, torch.zeros_like(token_logp1), token_logp1.sum(-1))}
         gamma = self.config.get("gamma", 1.0)
-        cut = cut if self.config.get("cut", "terminal") == "bootstrap" else None  # train.py --cut
         for (alpha0, alpha_tilde), name in zip(self.alphas, self.names):
-            logp = torch.log_softmax((q_r + alpha0 * logp1) / alpha_tilde, dim=-1)  # (B, W, V) pi~
+            logp = customised_logprobs(q_r, logp1, alpha0, alpha_tilde)  # (B, W, V) log pi~
             v = soft_value(q_r, logp1, alpha0, alpha_tilde)  # (B, W)
-            r2 = derived_reward(gather_actions(q_r, labels), v, labels, gamma, cut)  # (B, W-1)
+            r2 = derived_reward(gather_actions(q_r, labels), v, labels, gamma)  # (B, W-1)
             out[name] = (*token_stats(logp, base_logp, labels), response_return(r2, labels))  # R(x, y)
         return out
 
@@ -174,7 +173,7 @@ class LoraPolicy(FrozenPolicy):
         return {"frozen": CausalLMPolicy(self.base, adapter_off=self.peft_model.disable_adapter),
                 self.name: CausalLMPolicy(self.base)}  # the base with its LoRA layers: pi
 
-    def _score(self, ids, mask, states, labels, cut):
+    def _score(self, ids, mask, states, labels):
         logp = self.window_logp1(ids, mask, states)  # (B, W, V) with the adapter: pi
         with self.peft_model.disable_adapter():
             logp1 = self.window_logp1(ids, mask, states)  # (B, W, V) without: pi1
@@ -207,8 +206,10 @@ def frozen_generate(policy, tokenizer, conversations, max_new_tokens, batch_size
     return answers
 
 
-def load_policy(path, alphas, device, dtype, trust_remote_code=False):
-    """A train.py or baselines.py output directory (told apart by config.json's "method")."""
+def policy_to_evaluate(path, alphas, device, dtype, trust_remote_code=False):
+    """A train.py or baselines.py output directory (told apart by config.json's "method"), as a
+    policy this script scores: Q-Adapter's loaded by support/loading.load_policy, DPO's and SFT's by
+    baselines.load_checkpoint. Returns (policy, tokenizer)."""
     path = Path(path)
     ckpt = path / "checkpoint" if (path / "checkpoint" / loading.CONFIG_FILE).exists() else path
     if not (ckpt / loading.CONFIG_FILE).exists():
@@ -222,7 +223,7 @@ def load_policy(path, alphas, device, dtype, trust_remote_code=False):
         from baselines import load_checkpoint
         peft_model, tok, config = load_checkpoint(ckpt, device, dtype, trust_remote_code=trust_remote_code)
         return LoraPolicy(peft_model, config, name), tok
-    adapter, tok, config = loading.load_adapter(ckpt, device, dtype, trust_remote_code=trust_remote_code)
+    adapter, tok, config = loading.load_policy(ckpt, device, dtype, trust_remote_code=trust_remote_code)
     adapter.head.eval()
     pairs = [(a, a) for a in alphas] if alphas else [(config["alpha0"], config["alpha_tilde"])]
     return QAdapterPolicy(adapter, config, pairs, name), tok
@@ -235,16 +236,16 @@ def load_policy(path, alphas, device, dtype, trust_remote_code=False):
 def adherence_prompts_and_scorer(args, config):
     """(conversations to answer, score(texts, finished) -> {'adherence', 'degenerate', ...}) for --adherence.
 
-    child / concise: the demo's rule-based scorers (demo/). judge: judge.py's classifier of the DSP
+    child: the demo's rule-based scorer (demo/child.py). judge: judge.py's classifier of the DSP
     style, fitted on the training queries of the checkpoint's split, so the held-out queries answered
     here are unseen by it; 'adherence' is the share judged in style, 'mean_prob' its mean probability,
-    'degenerate' the share of looping answers (demo.concise.is_degenerate)."""
+    'degenerate' the share of looping answers (demo.child.is_degenerate)."""
     limit = args.gen_limit or None
     if args.scorer != "judge":
         pairs = held_out_pairs(args.prompts or str(HERE / "demo" / "child_test.jsonl"), {}, 0)
         return distinct_prompts(pairs)[:limit], importlib.import_module(f"demo.{args.scorer}").adherence
     import judge as style_judge
-    from demo.concise import is_degenerate
+    from demo.child import is_degenerate
     source = args.judge_data or config.get("data")
     if not source:
         raise SystemExit("error: --scorer judge: give --judge-data FILE (the checkpoint names no --data)")
@@ -265,16 +266,15 @@ def distinct_prompts(pairs):
 
 
 def pad_rows(rows, pad_id):
-    """rows: list of (ids, labels, cut) -> right-padded input_ids, attention_mask, labels: (N, T), and
-    cut (N,) bool: whether the row's response was cut at the cutoff (data.tokenize_pair)."""
-    T = max(len(ids) for ids, _, _ in rows)
+    """rows: list of (ids, labels) -> right-padded input_ids, attention_mask, labels: (N, T)."""
+    T = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for i, (row_ids, row_labels, _) in enumerate(rows):
+    for i, (row_ids, row_labels) in enumerate(rows):
         ids[i, :len(row_ids)], mask[i, :len(row_ids)] = torch.tensor(row_ids), 1
         labels[i, :len(row_labels)] = torch.tensor(row_labels)
-    return ids, mask, labels, torch.tensor([cut for _, _, cut in rows])
+    return ids, mask, labels
 
 
 def held_out_pairs(source, config, limit):
@@ -299,16 +299,16 @@ def evenly_spaced(items, limit):
 
 
 def run_batches(policy, rows, pad_id, batch_size, desc):
-    """Scores rows (list of (ids, labels, cut)) in batches: {name: (token_logp list, kl sum, kl tokens, returns)}
+    """Scores rows (list of (ids, labels)) in batches: {name: (token_logp list, kl sum, kl tokens, returns)}
     with per-row response log-likelihoods and returns."""
     out = {}
     # longest first, so that batches hold rows of similar length (less padding)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
         idx = order[start:start + batch_size]
-        ids, mask, labels, cut = pad_rows([rows[i] for i in idx], pad_id)
+        ids, mask, labels = pad_rows([rows[i] for i in idx], pad_id)
         device = next(policy.base.parameters()).device
-        scores, window_labels = policy.score(ids.to(device), mask.to(device), labels.to(device), cut.to(device))
+        scores, window_labels = policy.score(ids.to(device), mask.to(device), labels.to(device))
         _, response = next_tokens(window_labels)  # (B, W-1)
         for name, (token_logp, kl, ret) in scores.items():
             o = out.setdefault(name, {"logp": [0.0] * len(rows), "ret": [0.0] * len(rows), "kl": 0.0, "tokens": 0})
@@ -324,22 +324,24 @@ def pairwise(policy, tokenizer, pairs, cutoff, batch_size):
     share of pairs whose chosen answer the policy itself makes likelier (log pi(y_w|x) > log pi(y_l|x)),
     a yardstick common to all methods that moves only when the policy does."""
     examples = [e for e in (data.tokenize_pair(tokenizer, p, cutoff) for p in pairs) if e is not None]
-    rows = [(e["chosen_ids"], e["chosen_labels"], e["chosen_cut"]) for e in examples] + \
-           [(e["rejected_ids"], e["rejected_labels"], e["rejected_cut"]) for e in examples]
+    rows = [(e["chosen_ids"], e["chosen_labels"]) for e in examples] + \
+           [(e["rejected_ids"], e["rejected_labels"]) for e in examples]
     n = len(examples)
     result = {}
     for name, o in run_batches(policy, rows, tokenizer.pad_token_id, batch_size, "pairs").items():
-        margins = [o["ret"][i] - o["ret"][n + i] for i in range(n)]
-        likelier = [o["logp"][i] > o["logp"][n + i] for i in range(n)]  # the policy itself: pi(y_w|x) > pi(y_l|x)
-        result[name] = {"pairwise_accuracy": sum(m > 0 for m in margins) / n, "margin": sum(margins) / n,
-                        "likelihood_accuracy": sum(likelier) / n, "pairs": n}
+        returns, logp = torch.tensor(o["ret"], dtype=torch.float64), torch.tensor(o["logp"], dtype=torch.float64)
+        implicit = reward_metrics(returns[:n], returns[n:])  # the policy's implicit reward
+        likelihood = reward_metrics(logp[:n], logp[n:])  # the policy itself: pi(y_w|x) > pi(y_l|x)?
+        result[name] = {"pairwise_accuracy": float(implicit["rewards/accuracies"]),
+                        "margin": float(implicit["rewards/margins"]),
+                        "likelihood_accuracy": float(likelihood["rewards/accuracies"]), "pairs": n}
     return result
 
 
 def kl_to_frozen(policy, tokenizer, pairs, cutoff, batch_size):
     """Mean per-token KL(pi ‖ pi1), teacher-forced on the chosen responses of pairs."""
     examples = [e for e in (data.tokenize_pair(tokenizer, p, cutoff) for p in pairs) if e is not None]
-    rows = [(e["chosen_ids"], e["chosen_labels"], e["chosen_cut"]) for e in examples]
+    rows = [(e["chosen_ids"], e["chosen_labels"]) for e in examples]
     out = run_batches(policy, rows, tokenizer.pad_token_id, batch_size, "KL")
     return {name: {"kl": o["kl"] / max(o["tokens"], 1), "kl_tokens": o["tokens"]} for name, o in out.items()}
 
@@ -593,8 +595,8 @@ def build_parser():
                          "lm-eval's mmlu")
     ap.add_argument("--adherence", action="store_true",
                     help="generate greedy answers to --prompts and score them with --scorer")
-    ap.add_argument("--scorer", default="child", choices=["child", "concise", "judge"],
-                    help="what --adherence scores: demo/child.py (the demo's preference), demo/concise.py, or "
+    ap.add_argument("--scorer", default="child", choices=["child", "judge"],
+                    help="what --adherence scores: demo/child.py (the demo's preference) or "
                          "judge.py's style classifier fitted on the training queries of --judge-data (DSP)")
     ap.add_argument("--judge-data", default=None,
                     help="--scorer judge: the preference file the judge learns the style from (default: the first "
@@ -728,7 +730,7 @@ def main(argv=None):
 
     results, frozen_done = {}, False
     for run in args.checkpoint:
-        policy, tok = load_policy(run, args.alpha0, device, dtype, args.trust_remote_code)
+        policy, tok = policy_to_evaluate(run, args.alpha0, device, dtype, args.trust_remote_code)
         cutoff = args.cutoff or policy.config.get("cutoff", 256)
         names = policy.names + ([] if frozen_done else ["frozen"])
         rows = {n: {"kind": "frozen" if n == "frozen" else policy.kind, "run": None if n == "frozen" else run}

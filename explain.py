@@ -1,6 +1,6 @@
 """See what the head learned, token by token: the reward r2 that Q_R implies for every response token.
 
-A trained head (one, a stacked chain, or a weighted composition: sample.load_policy) and a prompt
+A trained head (one, a stacked chain, or a weighted composition: support/loading.load_policy) and a prompt
 with one or two answers. At each response token a_t, in state s_t = prompt + the answer so far,
 from Q_R and log pi1 over the vocabulary (model.QAdapter.forward, the plain path) and the
 functions of residual_q.py:
@@ -37,7 +37,7 @@ import torch
 import data
 from residual_q import (customised_logits, derived_reward, gather_actions, next_tokens, next_value, response_logprob,
                         response_return, soft_value)
-from sample import generate, load_policy
+from sample import generate
 from support import cli, loading
 
 
@@ -58,14 +58,13 @@ def ranked(tokenizer, order_by, logratio, logp, logp1, keep, k):
 
 
 @torch.no_grad()
-def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_p=0.0, bootstrap=False):
-    """batch: {"input_ids", "attention_mask", "labels"}: (B, T) as data.collate makes them, and its
-    "cut" (B,); bootstrap: a response cut at the cutoff is valued after its last token (train.py --cut).
+def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_p=0.0):
+    """batch: {"input_ids", "attention_mask", "labels"}: (B, T) as data.collate makes them.
 
     Returns one dict per row: "tokens", a list with one dict per response token (id, text, r2, q,
     v_next, logratio, logp, logp1, raised, lowered), and the totals: return (Σ r2, as
     residual_q.response_return sums it), sum_r2 (the per-token values summed in Python), telescoped
-    (α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0), and − V(s_T) for a bootstrapped cut), logp, logp1, v0.
+    (α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0)), logp, logp1, v0.
     Plain Python numbers only.
     raised / lowered: up to top_k tokens a with log pi~(a|s) − log pi1(a|s) > 0 / < 0, the largest / smallest
     first, among those with pi~(a|s) or pi1(a|s) >= min_p (0: the whole vocabulary)."""
@@ -74,11 +73,10 @@ def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_
     q_r, logp1 = q_r.float(), logp1.float()
     v = soft_value(q_r, logp1, alpha0, alpha_tilde)  # (B, T) V(s_t)
     q_sa = gather_actions(q_r, labels)  # (B, T-1) Q_R(s_t, a_t)
-    cut = batch["cut"] if bootstrap else None  # (B,) rows whose last state is not terminal
-    r2 = derived_reward(q_sa, v, labels, gamma, cut)  # (B, T-1) r2 = Q_R(s_t, a_t) − γ·V(s_{t+1})
+    r2 = derived_reward(q_sa, v, labels, gamma)  # (B, T-1) r2 = Q_R(s_t, a_t) − γ·V(s_{t+1})
     ret = response_return(r2, labels)  # (B,) R(x, y) = Σ_t r2
     actions, scored = next_tokens(labels)  # (B, T-1) a_t, and whether it is a response token
-    v_next = next_value(v, labels, cut)  # (B, T-1) V(s_{t+1}): what derived_reward subtracts, 0 when terminal
+    v_next = next_value(v, labels)  # (B, T-1) V(s_{t+1}): what derived_reward subtracts, 0 when terminal
     logits = customised_logits(q_r, logp1, alpha0, alpha_tilde)  # (B, T, V) (Q_R + α0·log pi1) / α̃
     logp = torch.log_softmax(logits, dim=-1)  # (B, T, V) log pi~(·|s)
     logratio = logp - logp1  # (B, T, V) log pi~ − log pi1: > 0 where the head raised a token
@@ -90,9 +88,6 @@ def explain(adapter, tokenizer, batch, alpha0, alpha_tilde, gamma, top_k=5, min_
     first = scored.int().argmax(-1)  # (B,) s_0, the state before the first response token
     v0 = v.gather(1, first[:, None]).squeeze(1)  # (B,) V(s_0)
     telescoped = alpha_tilde * logp_y - alpha0 * logp1_y + v0  # (B,) equals R when γ = 1
-    if cut is not None:
-        last = scored.shape[1] - scored.flip(-1).int().argmax(-1)  # (B,) s_T, the state after the last token
-        telescoped = telescoped - v.gather(1, last[:, None]).squeeze(1) * cut  # − V(s_T) where bootstrapped
 
     rows = []
     for b in range(ids.shape[0]):
@@ -353,7 +348,11 @@ def main(argv=None):
     if args.pairs:  # read before the model loads: a bad file or index fails at once
         prompt, answers = read_pair(args.pairs, args.index)
         names = ["chosen", "rejected"]
-    adapter, tok, alpha0, alpha_tilde = load_policy(args)
+    device, dtype, why = loading.pick_device(args.device)
+    print(why)
+    adapter, tok, _ = loading.load_policy(args.checkpoint, device, dtype, args.weights, args.alpha0,
+                                          args.trust_remote_code)
+    alpha0, alpha_tilde = adapter.alpha0, adapter.alpha_tilde
     config = loading.read_config(args.checkpoint[0])[0]
     gamma = args.gamma if args.gamma is not None else config.get("gamma", 1.0)
     if not args.pairs:
@@ -367,8 +366,7 @@ def main(argv=None):
             answers = args.answer
             names = ["answer"] if len(answers) == 1 else ["answer 1", "answer 2"]
     batch = encode(tok, prompt, answers, args.cutoff)
-    rows = explain(adapter, tok, batch, alpha0, alpha_tilde, gamma, args.top_k, args.min_p,
-                   bootstrap=config.get("cut", "terminal") == "bootstrap")
+    rows = explain(adapter, tok, batch, alpha0, alpha_tilde, gamma, args.top_k, args.min_p)
     prompt_text = "\n".join(m["content"] for m in prompt)
     print(f"prompt: {prompt_text}")
     show_terminal(rows, names, alpha0, alpha_tilde, gamma, color=sys.stdout.isatty() and not args.no_color)

@@ -18,11 +18,14 @@ the formulas of residual_q.py take. Default head (2 layers, width 256, 4 heads):
 1.3% of SmolLM2-135M-Instruct (134.5M); on Llama-3.1-8B-Instruct (D = 4096) the same flags give
 3.6M, 0.05% of 8.0B, and `--head-width 1024` gives 33M, 0.4%.
 
-The paper's own parameterisation is the other head, `LoraHead` (train.py --q-head lora): LoRA on the
-frozen model's layers, u(s) = h_lora(s) − h(s), the same D-dimensional correction, so everything
-downstream is shared. It costs a second pass through the whole model per step, with a backward.
+The other head, `LoraHead` (train.py --q-head lora), is LoRA on the frozen model's layers, as the
+paper's Q-adapter, with Q_R = the logits with the adapter minus those without, u(s) = h_lora(s) − h(s):
+zero at step 0 like QHead's, where the official code takes the LoRA model's logits themselves as Q_R
+(a choice; LoraHead says why). It costs a second pass through the whole model per step, with a backward.
 
-Loading the base model and saving or loading heads: support/loading.py.
+Loading the base model (a Hugging Face causal LM whose logits are W_out·h exactly; load_base refuses
+a softcap, a logit scale or a bias; tested: Llama, SmolLM2-135M and tiny shapes) and saving or
+loading heads: support/loading.py.
 """
 import copy
 from dataclasses import dataclass
@@ -98,13 +101,19 @@ class LoraHeadConfig:
 
 
 class LoraHead(nn.Module):
-    """The paper's Q-adapter: LoRA on the frozen model's own layers (train.py --q-head lora),
+    """LoRA on the frozen model's own layers, as the paper's Q-adapter (train.py --q-head lora), with
 
         Q_R(s, ·) = (logits with the adapter) − (logits without) = W_out·(h_lora(s) − h(s)),
 
     so its correction is u(s) = h_lora(s) − h(s), both last hidden states after the final norm, and
     W_out is shared and frozen: the fused projection W_out·(u + α0·h), decoding and the KL are
     QHead's, unchanged. peft initialises every B to zero, so Q_R ≡ 0 at step 0, exactly.
+
+    The difference is our choice. The official code (github mansicer/Q-Adapter) takes the LoRA
+    model's logits themselves as Q_R, so its Q_R starts at the base logits and its customised policy
+    at step 0 is softmax((logits + α0·log pi1)/α̃), not pi1. Ours starts at zero: with α0 = α̃ the
+    customised policy is pi1 exactly, so customisation starts from zero forgetting, and the head
+    shares everything downstream with QHead.
 
     The LoRA layers sit in a second set of the decoder's modules built over the *same* weight
     tensors (a copy of the module objects, not of the weights): the frozen model itself is never
@@ -195,11 +204,16 @@ class QAdapter(nn.Module):
         pi~_ab(a|s) ∝ exp((Q_R^b(s,a) + α0_b·log pi~_a(a|s)) / α̃_b).
 
     In this class "pi1" is that policy, the one being customised: the base model's when nothing
-    is below. (Decoding with the frozen model alone, sample.py's --compare, is always the base's.)"""
+    is below. (Decoding with the frozen model alone, sample.py's --compare, is always the base's.)
 
-    def __init__(self, base, head, below=()):
+    alpha0, alpha_tilde: the α0 and α̃ the head is trained with (train.py) or was trained with (a
+    checkpoint's config, support/loading.py); decoding (sample.generate) uses them unless told
+    otherwise. None for an adapter built by hand: decoding then needs them passed."""
+
+    def __init__(self, base, head, below=(), alpha0=None, alpha_tilde=None):
         super().__init__()
         self.base, self.head = base, head
+        self.alpha0, self.alpha_tilde = alpha0, alpha_tilde
         self.out_weight = base.get_output_embeddings().weight  # (V, D), frozen W_out
         self.below = nn.ModuleList(h.requires_grad_(False).eval() for h, _, _ in below)
         self.below_alphas = [(float(a0), float(at)) for _, a0, at in below]

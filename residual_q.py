@@ -5,25 +5,24 @@ token, s_{t+1} = s_t ⊕ a_t. The head gives Q_R(s, ·) and the frozen model giv
 (B, T, V) with position t describing state s_t (the tokens up to and including t).
 
   customised_logits  z(s, a) = (Q_R(s,a) + α0·log pi1(a|s)) / α̃          so  pi~(·|s) = softmax(z)
+  customised_logprobs  log pi~(·|s) = log_softmax(z(s, ·))
   soft_value         V(s)    = α̃ · logsumexp_a z(s, a)
   next_tokens        the one shift: position t scores token t+1; scored where labels[t+1] ≠ IGNORE
   scored_states      the window of states that take a response action (all the loss needs)
   gather_actions     x(s_t, a_t) for every state, e.g. Q_R(s_t, a_t) or log pi1(a_t | s_t)
   next_value         V(s_{t+1}) for every action, 0 after the last response token
   derived_reward     r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}),  V = 0 after the last response token
-                     (after a response cut at the cutoff: V = 0 too, or V bootstrapped there)
   response_return    R(x, y) = Σ_t r2(s_t, a_t) over the response tokens only
   response_logprob   log p(y|x) = Σ_t log p(a_t|s_t) over the response tokens (for the identity below)
   action_logprob     log pi~(a_t|s_t) = (Q_R(s_t,a_t) + α0·log pi1(a_t|s_t) − V(s_t)) / α̃, from the same scores
-  kl_to_frozen       KL(pi~ ‖ pi1) at every state
+  kl_divergence      KL(p ‖ q) = Σ_a p(a)·(log p(a) − log q(a)) at every state (KL(pi~ ‖ pi1): evaluation)
 
 With γ = 1 the sum telescopes (the identity tests/test_residual_q.py checks):
   R(x, y) = α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0)
-so a difference of returns is a DPO-style log-ratio of pi~ against the frozen model. A response cut
-at the cutoff and bootstrapped there has − V(s_T) besides, the value of the state after its last
-token: a number the policy does not fix (adding a constant to Q_R(s_T, ·) moves V(s_T) and leaves
-pi~ as it is), which the loss can then move instead of the policy. α0 = λ·α1 is
-the weight on the frozen model (the official code's alpha_0); with Q_R = 0 and α0 = α̃, pi~ = pi1.
+so a difference of returns is α̃·Δlog pi~ − α0·Δlog pi1 (V(s_0) cancels: both responses share the
+prompt), and with α0 = α̃ = β exactly DPO's β-scaled log-ratio of pi~ against the frozen model.
+α0 = λ·α1 is the weight on the frozen model (the official code's alpha_0; α1 = 1 for a softmax LM,
+so λ is the paper's knob); with Q_R = 0 and α0 = α̃, pi~ = pi1.
 """
 import torch
 
@@ -33,6 +32,11 @@ IGNORE = -100  # label of a token that is not scored (prompt, padding); the same
 def customised_logits(q_r, logp1, alpha0, alpha_tilde):
     """(B, T, V), (B, T, V) -> (B, T, V): logits of the customised policy pi~."""
     return (q_r + alpha0 * logp1) / alpha_tilde
+
+
+def customised_logprobs(q_r, logp1, alpha0, alpha_tilde):
+    """(…, V), (…, V) -> (…, V): log pi~(·|s) = log_softmax((Q_R + α0·log pi1) / α̃)."""
+    return torch.log_softmax(customised_logits(q_r, logp1, alpha0, alpha_tilde), dim=-1)
 
 
 def soft_value(q_r, logp1, alpha0, alpha_tilde):
@@ -79,28 +83,24 @@ def gather_actions(x, labels):
     return picked * mask
 
 
-def next_value(v, labels, cut=None):
+def next_value(v, labels):
     """V(s_{t+1}) for every action a_t, (B, T-1), 0 where s_{t+1} is terminal. v: (B, T) V(s_t), as
     soft_value gives it; s_{t+1} is described by position t+1. It is terminal when a_t is the last
-    response token: the end of the sequence, EOS, or a truncated response (the data stops there).
-    cut: (B,) bool or None, the rows whose response was cut at the cutoff before it ended
-    (data.collate's "cut"); their last state is then not terminal but bootstrapped (train.py --cut
-    bootstrap), so the last token's reward subtracts γ·V of the state after it, as every other's does."""
+    response token: EOS, or the last token kept of a response cut at the cutoff (the data stops
+    there, so R is the return of that prefix, as DPO scores it)."""
     _, mask = next_tokens(labels)  # (B, T-1)
     live = torch.zeros_like(mask)
     live[:, :-1] = mask[:, 1:]  # is a_{t+1} a response token, i.e. is s_{t+1} non-terminal?
-    if cut is not None:
-        live = live | (mask & cut[:, None])  # a cut response goes on after its last token
     return v[:, 1:] * live
 
 
-def derived_reward(q_sa, v, labels, gamma, cut=None):
+def derived_reward(q_sa, v, labels, gamma):
     """r2(s_t, a_t) = Q_R(s_t, a_t) − γ·V(s_{t+1}) (inverse soft Bellman equation), (B, T-1).
 
     q_sa: (B, T-1) Q_R(s_t, a_t), as gather_actions(q_r, labels) gives it; v: (B, T) V(s_t); V(s_{t+1})
-    and the terminal states (and cut, the rows bootstrapped at the cutoff) as next_value says."""
+    and the terminal states as next_value says."""
     _, mask = next_tokens(labels)  # (B, T-1)
-    return (q_sa - gamma * next_value(v, labels, cut)) * mask
+    return (q_sa - gamma * next_value(v, labels)) * mask
 
 
 def response_return(r2, labels):
@@ -123,7 +123,8 @@ def action_logprob(q_sa, logp1_sa, v, labels, alpha0, alpha_tilde):
     return (q_sa + alpha0 * logp1_sa - v[:, :-1]) / alpha_tilde * mask
 
 
-def kl_to_frozen(q_r, logp1, alpha0, alpha_tilde):
-    """KL(pi~(·|s) ‖ pi1(·|s)) = Σ_a pi~ (log pi~ − log pi1) at every state: (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(customised_logits(q_r, logp1, alpha0, alpha_tilde), dim=-1)
-    return (logp.exp() * (logp - logp1)).sum(-1)
+def kl_divergence(logp, logq):
+    """KL(p ‖ q) = Σ_a p(a)·(log p(a) − log q(a)) at every state: (…, V), (…, V) -> (…).
+    KL(pi~ ‖ pi1) = kl_divergence(customised_logprobs(q_r, logp1, α0, α̃), logp1); the same without
+    (N, V) tensors, a block of states at a time: support/vocab_chunks.projected_kl."""
+    return (logp.exp() * (logp - logq)).sum(-1)

@@ -67,12 +67,17 @@ def next_logits(adapter, ids, mask, position_ids, base_cache, head_cache, alpha0
 
 
 @torch.no_grad()
-def generate(adapter, tokenizer, conversations, alpha0=1.0, alpha_tilde=1.0, max_new_tokens=128,
+def generate(adapter, tokenizer, conversations, alpha0=None, alpha_tilde=None, max_new_tokens=128,
              temperature=0.0, top_k=0, top_p=1.0, seed=0, frozen_only=False, stop_at_eos=True, path="fused"):
     """conversations: list of message lists. Returns a list of (answer text, finished at EOS).
 
-    frozen_only decodes the frozen base model alone (no head is run). stop_at_eos=False always
-    decodes max_new_tokens (bench.py times it)."""
+    alpha0, alpha_tilde: those of pi~; default the adapter's own, the values its head was trained
+    with (model.QAdapter). frozen_only decodes the frozen base model alone (no head is run).
+    stop_at_eos=False always decodes max_new_tokens (bench.py times it)."""
+    alpha0 = adapter.alpha0 if alpha0 is None else alpha0
+    alpha_tilde = adapter.alpha_tilde if alpha_tilde is None else alpha_tilde
+    if not frozen_only and (alpha0 is None or alpha_tilde is None):
+        raise ValueError("generate: this adapter carries no trained α0 and α̃ (built by hand): pass alpha0 and alpha_tilde")
     device = adapter.out_weight.device
     tokenizer.padding_side = "left"
     enc = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
@@ -157,9 +162,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both models in --compare")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     ap.add_argument("--compare", action="store_true", help="also decode with the frozen model, side by side")
-    ap.add_argument("--score", choices=["child", "concise"], default=None,
-                    help="score the answers' adherence to a demo preference: demo/child.py (the demo's) or "
-                         "demo/concise.py")
+    ap.add_argument("--score", choices=["child"], default=None,
+                    help="score the answers' adherence to the demo preference: demo/child.py")
     ap.add_argument("--out", help="write prompts and answers to this JSON file")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     ap.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
@@ -172,22 +176,6 @@ def parse_args(argv=None):
     cli.check(args.alpha0 is None or args.alpha0 > 0,
               f"--alpha0 must be > 0 (it is also α̃, which divides the logits), got {args.alpha0}")
     return args
-
-
-def load_policy(args):
-    """(adapter, tokenizer, α0, α̃): one checkpoint, or several composed with --weights."""
-    device, dtype, why = loading.pick_device(args.device)
-    print(why)
-    if len(args.checkpoint) == 1 and args.weights is None:
-        adapter, tok, config = loading.load_adapter(args.checkpoint[0], device, dtype,
-                                                    trust_remote_code=args.trust_remote_code)
-    else:
-        weights = args.weights or [1.0] * len(args.checkpoint)
-        adapter, tok, configs = loading.load_composition(args.checkpoint, weights, device, dtype, args.trust_remote_code)
-        config = configs[0]
-        print("composed: " + " + ".join(f"{w:g}·Q_R[{c}]" for w, c in zip(weights, args.checkpoint)))
-    alphas = (config["alpha0"], config["alpha_tilde"]) if args.alpha0 is None else (args.alpha0,) * 2
-    return adapter, tok, *alphas
 
 
 def show(conversations, custom, frozen, title, width=60):
@@ -206,12 +194,17 @@ def show(conversations, custom, frozen, title, width=60):
 
 def main(argv=None):
     args = parse_args(argv)
-    adapter, tok, alpha0, alpha_tilde = load_policy(args)
+    device, dtype, why = loading.pick_device(args.device)
+    print(why)
+    adapter, tok, _ = loading.load_policy(args.checkpoint, device, dtype, args.weights, args.alpha0,
+                                          args.trust_remote_code)
+    alpha0, alpha_tilde = adapter.alpha0, adapter.alpha_tilde
+    if len(args.checkpoint) > 1 or args.weights:
+        print("composed: " + " + ".join(f"{w:g}·Q_R[{c}]" for w, c in zip(adapter.head.weights, args.checkpoint)))
     conversations = read_prompts(args)[:args.limit or None]
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, path=args.path)
-    custom = generate_batched(adapter, tok, conversations, args.batch_size, "customised", alpha0=alpha0,
-                              alpha_tilde=alpha_tilde, **opts)
+    custom = generate_batched(adapter, tok, conversations, args.batch_size, "customised", **opts)
     frozen = generate_batched(adapter, tok, conversations, args.batch_size, "frozen", frozen_only=True,
                               **opts) if args.compare else None
     show(conversations, custom, frozen, f"customised pi~ (α0={alpha0:g}, α̃={alpha_tilde:g})")

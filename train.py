@@ -3,26 +3,25 @@
 One batch of preference pairs, in the paper's order (`batch_loss`):
   1. data.py         the pairs as 2B token rows, chosen first, with the response tokens labelled;
   2. model.py        the frozen model gives log pi1(·|s), the head gives Q_R(s,·), over the vocabulary;
-  3. residual_q.py   V(s) = α̃·logsumexp((Q_R + α0·log pi1)/α̃), Q_R(s_t, a_t), and the derived
-                     reward r2 = Q_R(s_t, a_t) − γ·V(s_{t+1}) of every response token;
-  4. bt_loss.py      L = −log σ(R(y_w) − R(y_l)) + β·mean r2², with R = Σ_t r2; plus two terms that
-                     are not in the paper: --nll (pi~ writes the chosen answers) and --unlikelihood
-                     (pi~ does not repeat what the answer already said; `make demo` uses both).
-Only the head is trained: by default a small transformer on the frozen hidden states (model.QHead);
-`--q-head lora`, the paper's own Q-adapter, LoRA on the frozen model's layers (model.LoraHead), whose
-Q_R is the logits with the adapter minus those without. `--path plain` runs exactly these steps
-(`scores_plain`). The default, `--path fused`, gets the same Q_R(s_t, a_t), V(s_t) and
-log pi1(a_t|s_t) without (2B, T, V) tensors and keeps the frozen model's outputs across epochs
-(support/fused_path.py; tested equal, values and gradients); from r2 on, both run the same code.
-Evaluation reads the same numbers on held-out pairs, plus KL(pi~ ‖ pi1) at every response state.
+  3. residual_q.py   V(s) = α̃·logsumexp((Q_R + α0·log pi1)/α̃) and Q_R(s_t, a_t) of every response token;
+  4. bt_loss.py      q_adapter_loss, the paper's loss on one screen: r2 = Q_R(s_t, a_t) − γ·V(s_{t+1}),
+                     R = Σ_t r2, L = −log σ(R(y_w) − R(y_l)) + β·mean r2².
+`python train.py` trains exactly that loss. Two terms beyond the paper are opt-in: --nll (pi~ writes
+the chosen answers) and --unlikelihood (pi~ does not repeat what the answer already said); the
+demo (`make demo`) passes both. Only the head is trained: by default a small transformer on the
+frozen hidden states (model.QHead); `--q-head lora`, LoRA on the frozen model's layers as in the
+paper's Q-adapter (model.LoraHead), whose Q_R is the logits with the adapter minus those without.
+`--path plain` runs exactly these steps (`scores_plain`). The default, `--path fused`, gets the same
+Q_R(s_t, a_t), V(s_t) and log pi1(a_t|s_t) without (2B, T, V) tensors and keeps the frozen model's
+outputs across epochs (support/fused_path.py; tested equal, values and gradients); both then call
+q_adapter_loss. Evaluation reads the same numbers on held-out pairs, plus KL(pi~ ‖ pi1) at every
+response state.
 
-    python train.py --epochs 3 --unlikelihood 3       # the embedded demo (make demo): SmolLM2-135M, answers for a child, CPU
+    python train.py --epochs 3 --nll 1 --unlikelihood 3   # the embedded demo (make demo): SmolLM2-135M, answers for a child, CPU
     python train.py --base-model meta-llama/Llama-3.1-8B-Instruct \\
         --data dsp_academy_pairs.jsonl --test-data "" --cutoff 512 \\
         --batch-size 8 --grad-accum 8 --head-width 1024 --out-dir runs/dsp-academy   # one GPU, bf16
-    python train.py --q-head lora --out-dir runs/lora  # the paper's LoRA Q-adapter (r 8 on q_proj,v_proj; lr 1e-4)
-    python train.py --q-head lora --data dsp_academy_pairs.jsonl --test-data "" \\
-        --cutoff 192 --out-dir runs/dsp-qalora          # the setting that writes DSP academy's style (docs/results.md)
+    python train.py --q-head lora --out-dir runs/lora  # LoRA Q-head (r 8 on q_proj,v_proj; lr 1e-4)
     python train.py --out-dir runs/demo --resume      # continue from runs/demo/checkpoint
     torchrun --standalone --nproc_per_node 4 train.py --batch-size 4 ...      # 4 GPUs, data parallel
     python train.py --base-model meta-llama/Llama-3.1-70B-Instruct --device-map auto ...   # frozen model over all GPUs
@@ -54,9 +53,8 @@ from tqdm import tqdm
 
 import data
 import model as M
-from bt_loss import bt_loss, chosen_nll, repetition_unlikelihood
-from residual_q import (action_logprob, customised_logits, derived_reward, gather_actions, kl_to_frozen, next_tokens,
-                        soft_value)
+from bt_loss import q_adapter_loss
+from residual_q import customised_logprobs, gather_actions, kl_divergence, next_tokens, soft_value
 from sample import generate
 from support import cli, distributed, fused_path, loading, run_state
 from support.frozen_cache import FrozenCache
@@ -68,115 +66,108 @@ HERE = Path(__file__).resolve().parent
 # flags
 
 
-# The learning rate each Q-head was measured best with at α0 = α̃ = 0.1 (docs/results.md, "What the
-# models write on DSP academy"; the small head's also on the demo).
+# The default learning rate of each Q-head at α0 = α̃ = 0.1 (the official code: 3e-4 at α̃ = 1).
 DEFAULT_LR = {"small": 2e-4, "lora": 1e-4}
 
 
 def build_parser(description=__doc__):
-    """The flags of train.py; baselines.py adds its own to the same parser."""
+    """The flags of train.py, the ones a first run needs first; baselines.py adds its own to the same parser."""
     ap = cli.Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = ap.add_argument_group("model")
+    a = ap.add_argument_group("the method (residual Q-learning, the paper's loss)")
     a.add_argument("--base-model", default=loading.EMBEDDED,
                    help=f"frozen model pi1: a Hugging Face hub name or local path ({loading.EMBEDDED}: the embedded default)")
     a.add_argument("--q-head", default="small", choices=["small", "lora"],
                    help="what learns Q_R: small, a 2-layer transformer on the frozen hidden states (model.QHead); "
-                        "lora, the paper's Q-adapter, LoRA on the frozen model's layers with Q_R = logits with "
+                        "lora, LoRA on the frozen model's layers as in the paper's Q-adapter, with Q_R = logits with "
                         "it − logits without (model.LoraHead: a second forward and a backward through the whole "
-                        "model per step; the official code trains it with lr 3e-4 at α̃ = 1)")
-    a.add_argument("--head-width", type=int, default=256, help="width of the Q-head's transformer")
-    a.add_argument("--head-layers", type=int, default=2, help="layers of the Q-head's transformer")
-    a.add_argument("--head-heads", type=int, default=4, help="attention heads of the Q-head")
-    a.add_argument("--lora-rank", type=int, default=8, help="--q-head lora: rank r of each LoRA update (the paper: 8)")
-    a.add_argument("--lora-modules", default="q_proj,v_proj",
-                   help="--q-head lora: comma-separated names of the frozen model's linear layers that get a LoRA "
-                        "update (the paper: q_proj,v_proj)")
-    a.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
-    a.add_argument("--base-head", action="append", default=[], metavar="CHECKPOINT",
-                   help="customise the customised policy of this trained head (stacking): it stays frozen "
-                        "and only the new head trains; the heads it was itself stacked on come along "
-                        "(repeatable, bottom up, to name them explicitly)")
-    a = ap.add_argument_group("residual Q-learning")
+                        "model per step)")
     a.add_argument("--alpha0", type=float, default=0.1,
-                   help="α0 = λ·α1, weight of the frozen model's log pi1 in the customised policy; with a "
-                        "zero head and α0 = α̃ the customised policy is the frozen one. α0 = α̃ = a makes the loss "
-                        "DPO's with β = a: 0.1 (TRL's β) writes the preference, 1 only ranks it (docs/results.md; "
-                        "the official code uses α0 = 0.01, α̃ = 1 with a head initialised to the base logits)")
-    a.add_argument("--alpha-tilde", type=float, default=0.1, help="α̃, temperature of the customised policy")
+                   help="α0 = λ·α1, weight of the frozen model's log pi1 in the customised policy (λ is the paper's "
+                        "knob; α1 = 1 for a softmax LM). With a zero head and α0 = α̃ the customised policy is the "
+                        "frozen one, and with α0 = α̃ = b the BT loss is DPO's with β = b (the official code: 0.01)")
+    a.add_argument("--alpha-tilde", type=float, default=0.1,
+                   help="α̃, temperature of the customised policy (the official code: 1)")
     a.add_argument("--gamma", type=float, default=1.0, help="γ, discount in r2 = Q_R − γ·V(s')")
     a.add_argument("--beta", type=float, default=0.1,
                    help="β, weight of the mean r2² regulariser (0: off; the official code uses 0.1)")
-    a.add_argument("--nll", type=float, default=1.0,
-                   help="weight λ of an extra term, λ·(−mean log pi~(a_t|s_t)) over the chosen answers' tokens, so "
-                        "that pi~ learns to write them, not only to rank them (0: the paper's loss; DPO with "
-                        "this term is RPO, Pang et al. 2024)")
-    a.add_argument("--unlikelihood", type=float, default=0.0,
-                   help="weight of an extra term against loops, not in the paper: token-level unlikelihood (Welleck "
-                        "et al. 2019) on the chosen answers, −Σ log(1 − pi~(c|s_t)) over every token c the answer "
-                        "used before t other than a_t (bt_loss.repetition_unlikelihood; 0: off)")
-    a.add_argument("--cut", default="terminal", choices=["terminal", "bootstrap"],
-                   help="a response cut at --cutoff before its end: terminal treats its last state as the end "
-                        "(V = 0 there, as after EOS: R is then the log-ratio of the prefix, as DPO scores it); "
-                        "bootstrap subtracts γ·V of that state from its last token's reward, as everywhere else "
-                        "in the response (residual_q.derived_reward; docs/results.md measures both)")
-    a.add_argument("--path", default="fused", choices=["fused", "plain"],
-                   help="how Q_R and log pi1 reach the loss: plain builds them over the whole vocabulary and "
-                        "applies residual_q.py as written (the reference); fused gets the same numbers without "
-                        "(2B, T, V) tensors and keeps the frozen outputs across epochs (support/fused_path.py)")
     a = ap.add_argument_group("data")
     a.add_argument("--data", default=str(HERE / "demo" / "child_train.jsonl"),
                    help="preference pairs: .jsonl/.json/.parquet file or a hub data set name")
     a.add_argument("--test-data", default=str(HERE / "demo" / "child_test.jsonl"),
                    help="held-out pairs; '' splits --data by prompt instead")
+    a.add_argument("--cutoff", type=int, default=256,
+                   help="tokens per sequence at most (prompt + response); a response cut there ends where it is cut")
+    a.add_argument("--max-prompt", type=int, default=None, help="prompt tokens kept at most, its end (default cutoff/2)")
+    a = ap.add_argument_group("optimisation")
+    a.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (AdamW), linear warm-up then cosine; default {DEFAULT_LR['small']:g}, "
+                        f"{DEFAULT_LR['lora']:g} with --q-head lora")
+    a.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
+    a.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    a.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimiser step")
+    a.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
+    a.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
+    a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    a = ap.add_argument_group("run")
+    a.add_argument("--out-dir", default="runs/demo", help="metrics, summary and checkpoint go here")
+    a.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint")
+    a.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out-dir that already holds a run (its checkpoint is replaced)")
+    a.add_argument("--eval-every", type=int, default=0, help="evaluate and save every N steps (0: each epoch)")
+    a.add_argument("--save-every", type=int, default=0,
+                   help="also save a checkpoint every N steps, without evaluating (0: only when evaluating)")
+    a.add_argument("--max-steps", type=int, default=0,
+                   help="stop (with a checkpoint) after this many steps, schedule unchanged; --resume continues")
+    a.add_argument("--samples", type=int, default=3, help="test prompts answered before and after training")
+    a.add_argument("--max-new-tokens", type=int, default=96, help="tokens per shown sample at most")
+    a = ap.add_argument_group("beyond the paper: extra loss terms, off by default (bt_loss.py)")
+    a.add_argument("--nll", type=float, default=0.0,
+                   help="weight of −mean_t log pi~(a_t|s_t) over the chosen answers' tokens, so that pi~ learns to "
+                        "write them, not only to rank them (DPO with this term is RPO, Pang et al. 2024; "
+                        "baselines.py --method dpo --nll is its twin). 0: the paper's loss")
+    a.add_argument("--unlikelihood", type=float, default=0.0,
+                   help="weight of token-level unlikelihood against loops (Welleck et al. 2019) on the chosen "
+                        "answers: −Σ log(1 − pi~(c|s_t)) over every token c the answer used before t other than a_t. "
+                        "0: the paper's loss")
+    a = ap.add_argument_group("the head's shape, and stacking on trained heads")
+    a.add_argument("--head-width", type=int, default=256, help="--q-head small: width of its transformer")
+    a.add_argument("--head-layers", type=int, default=2, help="--q-head small: layers of its transformer")
+    a.add_argument("--head-heads", type=int, default=4, help="--q-head small: attention heads")
+    a.add_argument("--lora-rank", type=int, default=8, help="--q-head lora: rank r of each LoRA update (the paper: 8)")
+    a.add_argument("--lora-modules", default="q_proj,v_proj",
+                   help="--q-head lora: comma-separated names of the frozen model's linear layers that get a LoRA "
+                        "update (the paper: q_proj,v_proj)")
+    a.add_argument("--base-head", action="append", default=[], metavar="CHECKPOINT",
+                   help="customise the customised policy of this trained head (stacking): it stays frozen "
+                        "and only the new head trains; the heads it was itself stacked on come along "
+                        "(repeatable, bottom up, to name them explicitly)")
+    a = ap.add_argument_group("more data options")
     a.add_argument("--split", default="train", help="split of a hub data set")
     a.add_argument("--test-fraction", type=float, default=0.2, help="share of prompts held out when splitting")
     a.add_argument("--split-seed", type=int, default=0,
                    help="seed of the split by prompt; kept apart from --seed so that runs with different seeds are "
                         "scored on the same held-out prompts")
-    a.add_argument("--cutoff", type=int, default=256, help="tokens per sequence at most (prompt + response)")
-    a.add_argument("--max-prompt", type=int, default=None, help="prompt tokens kept at most, its end (default cutoff/2)")
-    add_run_flags(ap)
-    return ap
-
-
-def add_run_flags(ap):
-    a = ap.add_argument_group("optimisation")
-    a.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (AdamW), linear warm-up then cosine; default {DEFAULT_LR['small']:g}, "
-                        f"{DEFAULT_LR['lora']:g} with --q-head lora (measured on DSP academy, docs/results.md; at "
-                        "α̃ = 1 about ten times higher)")
-    a.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
-    a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
-    a.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-    a.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimiser step")
-    a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    a.add_argument("--train-limit", type=int, default=0, help="train on the first N training pairs (0: all)")
+    a.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test pairs (0: all)")
+    a = ap.add_argument_group("speed, memory and devices")
+    a.add_argument("--path", default="fused", choices=["fused", "plain"],
+                   help="how Q_R and log pi1 reach the loss: plain builds them over the whole vocabulary and "
+                        "applies residual_q.py as written (the reference); fused gets the same numbers without "
+                        "(2B, T, V) tensors and keeps the frozen outputs across epochs (support/fused_path.py)")
     a.add_argument("--cache-gb", type=float, default=4.0,
                    help="memory for keeping the frozen hidden states across epochs (0: recompute each time)")
     a.add_argument("--cache-disk-gb", type=float, default=0.0,
                    help="disk for the frozen hidden states past --cache-gb, a temporary file in --out-dir "
                         "deleted at the end (0: recompute what does not fit in memory)")
-    a.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
-    a = ap.add_argument_group("run")
-    a.add_argument("--out-dir", default="runs/demo", help="metrics, summary and checkpoint go here")
-    a.add_argument("--eval-every", type=int, default=0, help="evaluate and save every N steps (0: each epoch)")
-    a.add_argument("--save-every", type=int, default=0,
-                   help="also save a checkpoint every N steps, without evaluating (0: only when evaluating)")
-    a.add_argument("--train-limit", type=int, default=0, help="train on the first N training pairs (0: all)")
-    a.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test pairs (0: all)")
-    a.add_argument("--samples", type=int, default=3, help="test prompts shown before/after training")
-    a.add_argument("--max-new-tokens", type=int, default=96, help="tokens per shown sample at most")
-    a.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint")
-    a.add_argument("--overwrite", action="store_true",
-                   help="start again in an --out-dir that already holds a run (its checkpoint is replaced)")
-    a.add_argument("--max-steps", type=int, default=0,
-                   help="stop (with a checkpoint) after this many steps, schedule unchanged; --resume continues")
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: a GPU if there is one)")
     a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the frozen model (auto: bf16 on a GPU, float32 on a CPU)")
     a.add_argument("--device-map", default=None,
                    help="spread a frozen model too large for one GPU over all visible GPUs ('auto', via "
                         "accelerate); the head goes where the output layer is")
+    a.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
+    return ap
 
 
 def parse_args(argv=None, parser=None):
@@ -220,13 +211,6 @@ class Scores(NamedTuple):
     kl: torch.Tensor | None  # (2B, T-1) KL(pi~ ‖ pi1) at s_t (evaluation only)
     labels: torch.Tensor  # (2B, T) IGNORE except at the response tokens
     logp_every: torch.Tensor | None  # (2B, T-1, T-1) log pi~(a_j | s_t), every action of the row (--unlikelihood)
-    cut: torch.Tensor | None  # (2B,) bool: rows whose last state is bootstrapped (--cut bootstrap), else None
-
-
-def bootstrapped_rows(batch, args):
-    """(2B,) bool, the rows cut at the cutoff, when --cut bootstrap values the state after their last
-    token (residual_q.derived_reward); None when every last state is terminal (--cut terminal)."""
-    return batch["cut"] if args.cut == "bootstrap" else None
 
 
 def scores_plain(adapter, batch, args, with_kl=False, every_action=False):
@@ -236,15 +220,15 @@ def scores_plain(adapter, batch, args, with_kl=False, every_action=False):
     v = soft_value(q_r, logp1, args.alpha0, args.alpha_tilde)  # (2B, T) V(s_t)
     q_sa = gather_actions(q_r, labels)  # (2B, T-1) Q_R(s_t, a_t)
     logp1_sa = gather_actions(logp1, labels)  # (2B, T-1) log pi1(a_t | s_t)
-    kl = None
+    kl = logp_every = None
+    if with_kl or every_action:
+        logp = customised_logprobs(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1]  # (2B, T-1, V) log pi~(·|s_t)
     if with_kl:  # (2B, T-1) KL(pi~ ‖ pi1) at the states that take a response action
-        kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1] * next_tokens(labels)[1]
-    logp_every = None
-    if every_action:  # (2B, T-1, T-1) log pi~(a_j | s_t): row t of the log-softmax read at every action a_j
-        logp = torch.log_softmax(customised_logits(q_r, logp1, args.alpha0, args.alpha_tilde), -1)[:, :-1]
+        kl = kl_divergence(logp, logp1[:, :-1]) * next_tokens(labels)[1]
+    if every_action:  # (2B, T-1, T-1) log pi~(a_j | s_t): row t of log pi~ read at every action a_j
         actions, _ = next_tokens(labels)  # (2B, T-1)
         logp_every = logp.gather(-1, actions[:, None, :].expand(-1, actions.shape[1], -1))
-    return Scores(q_sa, v, logp1_sa, kl, labels, logp_every, bootstrapped_rows(batch, args))
+    return Scores(q_sa, v, logp1_sa, kl, labels, logp_every)
 
 
 def scores(adapter, batch, keys, cache, args, with_kl=False, every_action=False):
@@ -252,26 +236,16 @@ def scores(adapter, batch, keys, cache, args, with_kl=False, every_action=False)
     then describe the window), from cached frozen outputs where kept (support/fused_path.py)."""
     if args.path == "plain":
         return scores_plain(adapter, batch, args, with_kl, every_action)
-    s = fused_path.pair_scores(adapter, batch, keys, cache, args.alpha0, args.alpha_tilde, with_kl, every_action)
-    return Scores(*s, bootstrapped_rows(batch, args))
+    return Scores(*fused_path.pair_scores(adapter, batch, keys, cache, args.alpha0, args.alpha_tilde, with_kl,
+                                          every_action))
 
 
 def batch_loss(adapter, batch, keys, cache, args):
-    """The Bradley–Terry loss of one batch (plus --nll times the chosen answers' NLL under pi~, plus
-    --unlikelihood times their repetition unlikelihood); keys name its pairs for the frozen-output cache."""
+    """The loss of one batch (bt_loss.q_adapter_loss: the paper's, plus the opt-in --nll and
+    --unlikelihood terms); keys name its pairs for the frozen-output cache."""
     s = scores(adapter, batch, keys, cache, args, every_action=args.unlikelihood > 0)
-    r2 = derived_reward(s.q_sa, s.v, s.labels, args.gamma, s.cut)  # (2B, T-1) r2(s_t, a_t) = Q_R − γ·V(s_{t+1})
-    loss, metrics = bt_loss(r2, s.labels, args.beta)  # −log σ(R(y_w) − R(y_l)) + β·mean r2²
-    if args.nll > 0:
-        logp = action_logprob(s.q_sa, s.logp1_sa, s.v, s.labels, args.alpha0, args.alpha_tilde)  # (2B, T-1)
-        nll = chosen_nll(logp, s.labels)  # −mean_t log pi~(a_t|s_t) over the chosen answers
-        loss = loss + args.nll * nll
-        metrics.update({"loss": loss.detach(), "loss/nll": nll.detach()})
-    if args.unlikelihood > 0:
-        ul = repetition_unlikelihood(s.logp_every, s.labels)  # −Σ log(1 − pi~(c|s_t)), c used earlier
-        loss = loss + args.unlikelihood * ul
-        metrics.update({"loss": loss.detach(), "loss/unlikelihood": ul.detach()})
-    return loss, metrics
+    return q_adapter_loss(s.q_sa, s.v, s.logp1_sa, s.labels, args.alpha0, args.alpha_tilde, args.gamma, args.beta,
+                          args.nll, args.unlikelihood, s.logp_every)
 
 
 @torch.no_grad()
@@ -284,7 +258,8 @@ def evaluate(adapter, test_set, cache, args, device, collate):
         idx = list(range(start, min(start + args.batch_size, len(test_set))))
         batch = {k: v.to(device) for k, v in collate([test_set[i] for i in idx]).items()}
         s = scores(adapter, batch, [("test", i) for i in idx], cache, args, with_kl=True)
-        _, metrics = bt_loss(derived_reward(s.q_sa, s.v, s.labels, args.gamma, s.cut), s.labels, args.beta)
+        _, metrics = q_adapter_loss(s.q_sa, s.v, s.logp1_sa, s.labels, args.alpha0, args.alpha_tilde, args.gamma,
+                                    args.beta)  # the paper's loss and TRL's metrics, without the extra terms
         _, mask = next_tokens(s.labels)  # (2B, T-1) response tokens
         kl_sum, kl_tokens = kl_sum + float(s.kl.sum()), kl_tokens + int(mask.sum())
         frozen_chosen, frozen_rejected = s.logp1_sa.sum(-1).chunk(2)  # log pi1(y|x) of each response
@@ -323,12 +298,13 @@ def build_model(args, device, dtype, tok, world):
     device = base.get_output_embeddings().weight.device  # where the head lives (not `device` with --device-map)
     head = new_head(args, base).to(device)
     below = loading.load_chain(args.chain, args.base_model, device)
-    adapter = M.QAdapter(base, head, below)  # evaluation, sampling and checkpoints use the head itself
+    alphas = dict(alpha0=args.alpha0, alpha_tilde=args.alpha_tilde)  # what decoding the trained head uses
+    adapter = M.QAdapter(base, head, below, **alphas)  # evaluation, sampling and checkpoints use the head itself
     n_head, n_base = M.head_parameter_count(head), sum(p.numel() for p in base.parameters())
     kind = f"LoRA r={args.lora_rank} on {args.lora_modules}" if args.q_head == "lora" else "head"
     print(f"{kind}: {n_head / 1e6:.2f}M trainable parameters, {100 * n_head / n_base:.2f}% of the "
           f"frozen {n_base / 1e6:.0f}M" + (f"; stacked on {len(below)} frozen head(s)" if below else ""))
-    return adapter, adapter if world == 1 else M.QAdapter(base, DDP(head), below)
+    return adapter, adapter if world == 1 else M.QAdapter(base, DDP(head), below, **alphas)
 
 
 def setup(args):

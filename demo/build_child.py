@@ -21,24 +21,50 @@ being their shared beginning).
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo.build_concise import _LAST_SENTENCE_END, generate  # noqa: E402
 from demo.child import judge  # noqa: E402
 from demo.prompts import all_prompts  # noqa: E402
 from support import loading  # noqa: E402
 
 MAX_NEW_TOKENS = 96
 INSTRUCTION = "Explain it to a five-year-old child."
+# the text up to its last sentence end: . ! ? (or a closing quote/bracket after one) before a space or the end
+LAST_SENTENCE_END = re.compile(r".*[.!?][\"')\]]*(?=\s|$)", re.S)
+
+
+def generate(base, tok, conversations, max_new_tokens, batch_size, cache, cache_file):
+    """The frozen model's greedy answers, batched with left padding: list of (text, finished), finished
+    when it ended the answer itself (EOS). `cache` maps a conversation (as JSON) to its answer; only
+    the missing ones are generated, and the cache file is rewritten after each batch."""
+    keys = [json.dumps([conv, max_new_tokens]) for conv in conversations]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    order = sorted(todo, key=lambda i: len(str(conversations[i])))  # like lengths together: less padding
+    for start in tqdm(range(0, len(order), batch_size), desc=f"generating ≤{max_new_tokens} tokens"):
+        idx = order[start:start + batch_size]
+        enc = tok.apply_chat_template([conversations[i] for i in idx], add_generation_prompt=True,
+                                      padding=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id)
+        for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:]):  # (new tokens,) of each answer
+            finished = bool((row == tok.eos_token_id).any())
+            cache[keys[i]] = (tok.decode(row, skip_special_tokens=True).strip(), finished)
+        cache_file.write_text(json.dumps(cache))
+    return [tuple(cache[k]) for k in keys]
 
 
 def complete_sentences(answer, finished):
     """The answer as the model ended it, or, when the token budget cut it, up to its last sentence end."""
     if finished:
         return answer
-    m = _LAST_SENTENCE_END.match(answer)
+    m = LAST_SENTENCE_END.match(answer)
     return m.group(0) if m else ""
 
 

@@ -1,8 +1,10 @@
-"""Hand-written user prompts for the "concise answers" preference demo.
+"""Hand-written user prompts for the demo preference, *answers a child would understand*.
 
-Each prompt is sent to a small chat model (SmolLM2-135M-Instruct); its answers are
-used to build a preference for concise (one-to-two-sentence) answers.
-Written by hand for this project.
+demo/build_child.py sends every second of these 959 prompts (--every 2) to the embedded chat model
+(SmolLM2-135M-Instruct) twice, plainly and with "Explain it to a five-year-old child." appended,
+and makes the two answers a preference pair on the plain prompt (demo/child.py judges them).
+Ordinary questions on many topics, so that the pairs teach a way of answering, not a topic.
+Written by hand for this project; `python demo/prompts.py` counts them and checks they are distinct.
 """
 
 PROMPTS: dict[str, list[str]] = {

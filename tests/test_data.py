@@ -282,20 +282,18 @@ def test_truncation_keeps_end_of_prompt_and_start_of_response(tok):
     assert ids[:32] == prompt_ids[-32:]
     assert ids[32:] == data.tokenize_pair(tok, long_pair, cutoff=4096)["chosen_ids"][len(prompt_ids):][:32]
     assert len(example["rejected_ids"]) < 64 and example["rejected_ids"][-1] == EOS
-    assert example["chosen_cut"] and not example["rejected_cut"]
     short = data.tokenize_pair(tok, long_pair, cutoff=64, max_prompt=10)
     assert short["chosen_ids"][:10] == prompt_ids[-10:] and len(short["chosen_ids"]) == 64
 
 
-def test_a_response_is_cut_only_when_it_loses_tokens(tok):
+def test_a_response_loses_tokens_only_past_the_cutoff(tok):
     pair = Pair([user("Hi")], "Hello there, how can I help you today?", "Hm.", "t:5")
     whole = data.tokenize_pair(tok, pair, cutoff=512)
-    assert not whole["chosen_cut"] and not whole["rejected_cut"]
     n = len(whole["chosen_ids"])
     fits = data.tokenize_pair(tok, pair, cutoff=n, max_prompt=n)  # the answer and its EOS just fit
-    assert fits["chosen_ids"] == whole["chosen_ids"] and not fits["chosen_cut"]
+    assert fits["chosen_ids"] == whole["chosen_ids"]
     short = data.tokenize_pair(tok, pair, cutoff=n - 1, max_prompt=n)  # its EOS does not
-    assert short["chosen_ids"] == whole["chosen_ids"][:-1] and short["chosen_cut"] and not short["rejected_cut"]
+    assert short["chosen_ids"] == whole["chosen_ids"][:-1] and short["rejected_ids"] == whole["rejected_ids"]
 
 
 def test_tokenize_pairs_in_chunks_equals_the_template_one_text_at_a_time(tok):
@@ -351,9 +349,7 @@ def test_collate(tok):
         assert batch["labels"][i, n:].eq(IGNORE).all()
     assert batch["labels"][0, :len(order[0])].tolist() == examples[0]["chosen_labels"]
     assert batch["labels"][3, :len(order[3])].tolist() == examples[1]["rejected_labels"]
-    assert batch["cut"].tolist() == [False] * 4  # nothing lost to the cutoff of 512
-    short = data.collate([data.tokenize_pair(tok, pairs[1], cutoff=12)] * 2, pad_id=tok.pad_token_id)
-    assert short["cut"].dtype == torch.bool and short["cut"].tolist() == [True, True, False, False]
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
 
 
 def test_pair_dataset_drops_long_prompts(tok, capsys):

@@ -1,11 +1,12 @@
-"""The demo preference's scorer (demo/child.py): hand-written answers of each verdict, and the
-shipped pairs: the chosen side talks to a child, the rejected side does not."""
+"""The demo preference's scorer (demo/child.py): hand-written answers of each verdict, how varied
+a set of answers is, and the shipped pairs: the chosen side talks to a child, the rejected side
+does not. Then demo/show.py end to end on a tiny run."""
 import json
 from pathlib import Path
 
 import pytest
 
-from demo.child import adherence, judge
+from demo.child import adherence, is_degenerate, judge, opening, variety
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,31 @@ def test_adherence_counts_each_verdict():
     assert adherence(texts, [True] * 4) == {"adherence": 0.5, "degenerate": 0.25, "plain": 0.25, "n": 4}
 
 
+def test_is_degenerate_is_the_rule_judge_uses():
+    assert all(is_degenerate(t) for t in DEGENERATE) and not any(is_degenerate(t) for t in CHILD + PLAIN)
+    assert is_degenerate("cat dog cow dog cat cow cow cat dog dog cow cat")  # no 3-gram twice, but 3 words of 12
+    assert not is_degenerate("cat dog cow dog cat cow cow cat dog")  # 9 words: too short for the 30% rule
+
+
+def test_an_opening_is_the_first_three_words_lowercased():
+    assert opening("Imagine you have a big box.") == "imagine you have"
+    assert opening("Hey, there! Rain is water.") == "hey there rain"
+    assert opening("Yes.") == "yes" and opening("") == ""
+
+
+def test_variety_counts_distinct_openings_and_bigrams():
+    answers = ["Imagine you have a box.",  # bigrams: imagine you, you have, have a, a box
+               "imagine, you have a toy",  # imagine you, you have, have a, a toy: 1 new
+               "The sun is hot."]          # the sun, sun is, is hot: 3 new
+    assert variety(answers) == {"openings": 2 / 3, "distinct2": 8 / 11, "top_opening": "imagine you have",
+                                "top_count": 2}
+    # bigrams are taken within an answer, never across two: "box the" is no bigram here
+    assert variety(["a box", "the box"]) == {"openings": 1.0, "distinct2": 1.0, "top_opening": "a box", "top_count": 1}
+    assert variety(["Same answer here."] * 4)["openings"] == 0.25
+    assert variety(["Same answer here."] * 4)["distinct2"] == 2 / 8
+    assert variety([]) == {"openings": 0.0, "distinct2": 0.0, "top_opening": "", "top_count": 0}
+
+
 def test_the_shipped_demo_pairs_hold_the_preference():
     for name in ("child_train.jsonl", "child_test.jsonl"):
         rows = [json.loads(line) for line in (ROOT / "demo" / name).read_text().splitlines()]
@@ -77,57 +103,21 @@ def test_show_runs_end_to_end_and_writes_its_numbers(tiny_path, tmp_path):
     written = json.loads((run / "demo.json").read_text())
     assert written["prompts"] == result["prompts"] == 3 and len(written["answers"]) == 3
     for side in ("frozen", "customised"):
-        assert set(written[side]) == {"adherence", "degenerate", "plain", "n", "kl"}
+        assert set(written[side]) == {"adherence", "degenerate", "plain", "n", "kl", "openings", "distinct2",
+                                      "top_opening", "top_count"}
+        assert 0 < written[side]["openings"] <= 1 and 0 <= written[side]["distinct2"] <= 1
     assert written["frozen"]["kl"] == 0.0 and written["customised"]["kl"] >= 0.0
+    assert written["temperature"] == 0.0 and "seed" not in written  # greedy by default
     assert written["asked"]["n"] == 3 and written["asked"]["instruction"] == show.INSTRUCTION
     no_reference = show.main([str(run), "--max-new-tokens", "6", "--shown", "0", "--asked", "", "--device", "cpu"])
     assert "asked" not in no_reference
     show.main([str(run), "--max-new-tokens", "6", "--shown", "0", "--asked", "", "--alpha0", "0.08", "--device", "cpu"])
     dialled = json.loads((run / "demo-alpha0.08.json").read_text())
     assert dialled["alpha0"] == dialled["alpha_tilde"] == 0.08 and dialled["prompts"] == 3
-
-
-def test_loop_pairs_reject_only_the_heads_looping_answers():
-    from demo.build_child_loops import loop_pairs
-
-    def pair(prompt, chosen, rejected):
-        user = [{"role": "user", "content": prompt}]
-        return {"chosen": user + [{"role": "assistant", "content": chosen}],
-                "rejected": user + [{"role": "assistant", "content": rejected}]}
-
-    pairs = [pair(f"question {i}?", CHILD[i], PLAIN[i]) for i in range(3)]
-    answers = [{"prompt": [{"role": "user", "content": "question 0?"}], "customised": DEGENERATE[2]},
-               {"prompt": [{"role": "user", "content": "question 1?"}], "customised": CHILD[4]},
-               {"prompt": [{"role": "user", "content": "question 2?"}], "customised": DEGENERATE[0]}]
-    # only the looping answer becomes a pair (a child answer is fine, an empty one is no loop to show)
-    assert loop_pairs(pairs, answers) == [pair("question 0?", CHILD[0], DEGENERATE[2])]
-    with pytest.raises(SystemExit, match="not in the training pairs"):
-        loop_pairs(pairs, [{"prompt": [{"role": "user", "content": "held out?"}], "customised": "x"}])
-
-
-def test_the_prefix_side_ends_before_the_loop_starts():
-    from demo.build_child_loops import before_the_loop, loop_pairs
-    loop = "Imagine a big box." + " It is like a toy." * 5
-    assert before_the_loop(loop) == "Imagine a big box. It is like a toy."  # "it is like" starts again here
-    assert before_the_loop("It is like a toy. It is like a toy. It is like a toy. It is like a toy.") \
-        == "It is like a toy."
-    assert before_the_loop("It is like it is like it is like it is like") == ""  # no sentence ends before
-    assert before_the_loop(CHILD[0]) == CHILD[0]  # no loop: the whole answer
-    user = [{"role": "user", "content": "q?"}]
-    pairs = [{"chosen": user + [{"role": "assistant", "content": CHILD[1]}],
-              "rejected": user + [{"role": "assistant", "content": PLAIN[0]}]}]
-    prefix = loop_pairs(pairs, [{"prompt": user, "customised": loop}], "prefix")
-    assert prefix[0]["chosen"][-1]["content"] == "Imagine a big box. It is like a toy."
-    assert prefix[0]["rejected"][-1]["content"] == loop
-    # a loop with no child answer before it falls back to the asked-for answer
-    fallback = loop_pairs(pairs, [{"prompt": user, "customised": DEGENERATE[2]}], "prefix")
-    assert fallback[0]["chosen"][-1]["content"] == CHILD[1]
-
-
-def test_loop_pairs_script_names_a_bad_input_in_one_line(tmp_path):
-    from demo.build_child_loops import main
-    (tmp_path / "answers.json").write_text('{"no answers": []}')
-    with pytest.raises(SystemExit, match=r"--answers .*answers.json: not a sample.py --out file \(KeyError"):
-        main(["--answers", str(tmp_path / "answers.json")])
-    with pytest.raises(SystemExit, match=r"--pairs .*missing.jsonl: no such file"):
-        main(["--answers", str(tmp_path / "answers.json"), "--pairs", str(tmp_path / "missing.jsonl")])
+    sampled = show.main([str(run), "--max-new-tokens", "6", "--shown", "0", "--alpha0", "0.08", "--temperature", "1",
+                         "--device", "cpu"])
+    assert json.loads((run / "demo-alpha0.08-t1.json").read_text())["seed"] == sampled["seed"] == 0
+    assert sampled["temperature"] == 1.0 and sampled["top_p"] == 0.9 and sampled["asked"]["n"] == 3
+    again = show.main([str(run), "--max-new-tokens", "6", "--shown", "0", "--alpha0", "0.08", "--temperature", "1",
+                       "--asked", "", "--device", "cpu"])
+    assert again["answers"] == sampled["answers"]  # seeded: the same samples

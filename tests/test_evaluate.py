@@ -98,23 +98,23 @@ def test_an_alpha0_sweep_shares_its_benchmark_passes_and_keeps_each_policys_numb
     assert together == alone
 
 
-@pytest.mark.parametrize("cut", ["terminal", "bootstrap"])
-def test_a_nonzero_head_has_positive_kl_and_its_own_return(tokenizer, files, cut):
+def test_a_nonzero_head_has_positive_kl_and_its_own_return(tokenizer, files):
     adapter, config = q_adapter(tokenizer, zero=False)
-    policy = E.QAdapterPolicy(adapter, {**config, "cut": cut}, [(1.0, 1.0)], "qa")  # cut: train.py --cut
+    policy = E.QAdapterPolicy(adapter, config, [(1.0, 1.0)], "qa")
     pairs = E.held_out_pairs(files["pairs"], {}, 0)
     assert E.kl_to_frozen(policy, tokenizer, pairs, 64, 4)["qa"]["kl"] > 1e-3
     # the pairwise margin is R(y_w) − R(y_l), computed here from the residual_q functions directly
     from data import collate, tokenize_pair
     from residual_q import derived_reward, gather_actions, response_return, soft_value
     pairs = [data.Pair(p.prompt, "Yes, I like that. " * i + "Yes.", p.rejected, p.where) for i, p in enumerate(pairs)]
-    batch = collate([tokenize_pair(tokenizer, p, 40) for p in pairs], tokenizer.pad_token_id)
-    assert batch["cut"].any() and not batch["cut"].all()  # the longer answers lose their end to the cutoff of 40
+    examples = [tokenize_pair(tokenizer, p, 40) for p in pairs]
+    assert any(e["chosen_ids"][-1] != tokenizer.eos_token_id for e in examples)  # longer answers lose their end to the cutoff
+    batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"])
-    labels, bootstrapped = batch["labels"], batch["cut"] if cut == "bootstrap" else None
-    r = response_return(derived_reward(gather_actions(q_r, labels), soft_value(q_r, logp1, 1.0, 1.0), labels, 1.0,
-                                       bootstrapped), labels)
+    labels = batch["labels"]
+    r = response_return(derived_reward(gather_actions(q_r, labels), soft_value(q_r, logp1, 1.0, 1.0), labels, 1.0),
+                        labels)
     margins = r[:len(pairs)] - r[len(pairs):]
     pw = E.pairwise(policy, tokenizer, pairs, 40, 5)["qa"]
     assert pw["margin"] == pytest.approx(float(margins.mean()), abs=1e-4)
@@ -249,7 +249,7 @@ def test_bad_arguments_fail_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="error: --alpha0"):
         E.parse_args(["--checkpoint", "x", "--alpha0", "0"])
     with pytest.raises(SystemExit, match="not a train.py or baselines.py output"):
-        E.load_policy(tmp_path, None, "cpu", torch.float32)
+        E.policy_to_evaluate(tmp_path, None, "cpu", torch.float32)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "retention").is_dir(), reason="../shared/data/retention is not on this machine")

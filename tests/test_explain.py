@@ -76,20 +76,13 @@ def test_per_token_numbers_are_the_residual_q_functions(tokenizer, tiny, alpha0,
     assert "".join(t["text"] for t in rows[0]["tokens"]).startswith(ANSWERS[0])  # then the template's EOS
 
 
-def test_a_bootstrapped_cut_values_the_state_after_the_last_token(tokenizer, tiny):
+def test_a_response_cut_at_the_cutoff_ends_where_it_is_cut(tokenizer, tiny):
     adapter, _ = tiny
     batch = explain.encode(tokenizer, PROMPT, ANSWERS, 30)  # the first answer is cut, the second ("No.") is not
-    assert batch["cut"].tolist() == [True, False]
-    terminal = explain.explain(adapter, tokenizer, batch, 0.6, 1.5, 1.0)
-    boot = explain.explain(adapter, tokenizer, batch, 0.6, 1.5, 1.0, bootstrap=True)
-    with torch.no_grad():
-        q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"])
-    v = rq.soft_value(q_r, logp1, 0.6, 1.5)  # (B, T)
-    assert terminal[0]["tokens"][-1]["v_next"] == 0.0  # the cut answer's last state: terminal ...
-    assert boot[0]["tokens"][-1]["v_next"] == pytest.approx(float(v[0, -1]), abs=1e-6)  # ... or V(s_T)
-    assert boot[0]["return"] == pytest.approx(terminal[0]["return"] - float(v[0, -1]), abs=1e-4)
-    assert boot[1]["return"] == terminal[1]["return"]  # an answer that ended is the same either way
-    for row in boot:  # Σ r2 = R = α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0) − V(s_T) where cut
+    assert batch["input_ids"][0, -1] != tokenizer.eos_token_id
+    rows = explain.explain(adapter, tokenizer, batch, 0.6, 1.5, 1.0)
+    assert rows[0]["tokens"][-1]["v_next"] == 0.0  # the cut answer's last state is terminal
+    for row in rows:  # Σ r2 = R = α̃·log pi~(y|x) − α0·log pi1(y|x) + V(s_0)
         assert row["sum_r2"] == pytest.approx(row["return"], abs=1e-4)
         assert row["telescoped"] == pytest.approx(row["return"], abs=1e-4)
 

@@ -39,7 +39,8 @@ def test_fused_frozen_decoding_logits_are_hugging_faces(tokenizer):
     base = tiny_llama(tokenizer)
     adapter = adapter_for(base, zero=False)  # not run: no head cache means pi1 alone
     ids, mask = padded_batch(tokenizer, "left")
-    logits, _, head_cache = fused_path.next_logits(adapter, ids, mask, M.positions(mask), DynamicCache(config=base.config))
+    logits, _, head_cache = fused_path.next_logits(adapter, ids, mask, M.positions(mask), DynamicCache(config=base.config),
+                                                   None, 1.0, 1.0)
     assert head_cache is None
     torch.testing.assert_close(logits, base(input_ids=ids, attention_mask=mask).logits[:, -1], rtol=0, atol=1e-5)
 
@@ -125,16 +126,16 @@ def test_chunked_kl_equals_the_full_one(monkeypatch, chunk):
 
 def full_tensor_evaluation(adapter, batch, args):
     """The held-out metrics the plain way: Q_R and log pi1 over the whole vocabulary, (2B, W, V)."""
-    from bt_loss import bt_loss
-    from residual_q import (derived_reward, gather_actions, kl_to_frozen, next_tokens, response_logprob,
+    from bt_loss import q_adapter_loss
+    from residual_q import (customised_logprobs, gather_actions, kl_divergence, next_tokens, response_logprob,
                             scored_states, soft_value)
     states, labels = scored_states(batch["labels"])  # (2B, W)
     q_r, logp1, *_ = adapter(batch["input_ids"], batch["attention_mask"], states)  # (2B, W, V)
     v = soft_value(q_r, logp1, args.alpha0, args.alpha_tilde)
-    r2 = derived_reward(gather_actions(q_r, labels), v, labels, args.gamma)
-    _, metrics = bt_loss(r2, labels, args.beta)
+    _, metrics = q_adapter_loss(gather_actions(q_r, labels), v, gather_actions(logp1, labels), labels, args.alpha0,
+                                args.alpha_tilde, args.gamma, args.beta)
     _, mask = next_tokens(labels)  # (2B, W-1)
-    kl = kl_to_frozen(q_r, logp1, args.alpha0, args.alpha_tilde)[:, :-1]
+    kl = kl_divergence(customised_logprobs(q_r, logp1, args.alpha0, args.alpha_tilde), logp1)[:, :-1]
     chosen, rejected = response_logprob(logp1, labels).chunk(2)
     len_chosen, len_rejected = mask.sum(-1).chunk(2)
     metrics["frozen_logp_accuracy"] = (chosen > rejected).float().mean()
@@ -209,7 +210,8 @@ def chain_adapter(tokenizer, stacked, dtype=torch.float32):
 @pytest.mark.parametrize("flags", [[], ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05"],
                                    ["--alpha0", "0.1", "--alpha-tilde", "0.1", "--nll", "0.5"],
                                    ["--alpha0", "0.3", "--alpha-tilde", "0.2", "--unlikelihood", "0.7"],
-                                   ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--cut", "bootstrap"]])
+                                   ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--nll", "1",
+                                    "--unlikelihood", "0.5"]])
 def test_fused_loss_and_gradient_equal_the_plain_path(tokenizer, seed, stacked, flags):
     adapter = chain_adapter(tokenizer, stacked)
     batch, examples = random_pairs(tokenizer, seed)
@@ -260,25 +262,12 @@ def test_unlikelihood_term_and_its_gradient_equal_on_both_paths(tokenizer):
         torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("path", ["plain", "fused"])
-def test_a_bootstrapped_cut_changes_the_loss_of_the_cut_rows_only(tokenizer, path):
-    adapter = chain_adapter(tokenizer, stacked=False)
-    batch, _ = random_pairs(tokenizer, 0)
-    assert batch["cut"].any() and not batch["cut"].all()
-    flags = ["--alpha0", "0.6", "--alpha-tilde", "1.5"]
-    terminal = path_loss(adapter, batch, path, flags)[0]
-    assert path_loss(adapter, batch, path, [*flags, "--cut", "bootstrap"])[0] != pytest.approx(float(terminal), abs=1e-4)
-    uncut = {**batch, "cut": torch.zeros_like(batch["cut"])}  # no row cut: bootstrapping has nothing to do
-    torch.testing.assert_close(path_loss(adapter, uncut, path, [*flags, "--cut", "bootstrap"])[0], terminal)
-
-
 @pytest.mark.parametrize("stacked", [False, True])
-@pytest.mark.parametrize("cut", ["terminal", "bootstrap"])
-def test_evaluation_is_the_same_on_both_paths(tokenizer, stacked, cut):
+def test_evaluation_is_the_same_on_both_paths(tokenizer, stacked):
     adapter = chain_adapter(tokenizer, stacked)
     _, examples = random_pairs(tokenizer, 2)
     collate = lambda e: data.collate(e, tokenizer.pad_token_id)  # noqa: E731
-    flags = ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--batch-size", "2", "--cut", cut]
+    flags = ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--batch-size", "2"]
     plain = train.evaluate(adapter, examples, FrozenCache(0), train.parse_args(["--path", "plain", *flags]), "cpu", collate)
     fused = train.evaluate(adapter, examples, FrozenCache(0), train.parse_args(flags), "cpu", collate)
     assert plain.keys() == fused.keys()

@@ -33,7 +33,7 @@ def customised(base, alpha0=1.0, alpha_tilde=1.0, zero=True):
     if not zero:
         torch.manual_seed(1)
         torch.nn.init.normal_(head.up.weight, std=0.5)
-    return L.CustomisedPolicy(M.QAdapter(base, head.eval()), alpha0, alpha_tilde)
+    return L.CustomisedPolicy(M.QAdapter(base, head.eval(), alpha0=alpha0, alpha_tilde=alpha_tilde), alpha0, alpha_tilde)
 
 
 def instances(kind, args):

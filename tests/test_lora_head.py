@@ -32,7 +32,7 @@ def lora_adapter(base, seed=1, zero=True, below=()):
         for name, p in head.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.2)
-    return M.QAdapter(base, head.eval(), below)
+    return M.QAdapter(base, head.eval(), below, alpha0=1.0, alpha_tilde=1.0)
 
 
 def stacked_or_not(tokenizer, stacked):
@@ -78,7 +78,7 @@ def test_a_fresh_lora_head_decodes_what_hf_generate_does(tokenizer, path):
 
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("flags", [[], ["--alpha0", "0.6", "--alpha-tilde", "1.5", "--gamma", "0.9", "--beta", "0.05"],
-                                   ["--alpha0", "0.1", "--alpha-tilde", "0.1", "--cut", "bootstrap"]])
+                                   ["--alpha0", "0.1", "--alpha-tilde", "0.1", "--nll", "1", "--unlikelihood", "0.5"]])
 def test_fused_loss_and_lora_gradient_equal_the_plain_path(tokenizer, stacked, flags):
     adapter = stacked_or_not(tokenizer, stacked)
     adapter.head.train()

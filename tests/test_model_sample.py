@@ -19,7 +19,7 @@ def adapter_for(base, seed=1, zero=True):
     head = M.QHead(M.head_config_for(base, width=32, layers=1, heads=2))
     if not zero:
         torch.nn.init.normal_(head.up.weight, std=0.5)
-    return M.QAdapter(base, head.eval())
+    return M.QAdapter(base, head.eval(), alpha0=1.0, alpha_tilde=1.0)
 
 
 def padded_batch(tokenizer, side):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import residual_q as rq
-from bt_loss import bt_loss, chosen_nll, earlier_tokens, repetition_unlikelihood
+from bt_loss import chosen_nll, earlier_tokens, q_adapter_loss, repetition_unlikelihood
 
 IGNORE = rq.IGNORE
 
@@ -67,24 +67,6 @@ def test_alignment_on_a_hand_built_batch():
     expected0 = [0, 107 - 0.5 * v[0, 2], 208 - 0.5 * v[0, 3], 302 - 0.0, 0, 0]  # V = 0 after EOS
     expected1 = [9 - 0.5 * v[1, 1], 102 - 0.0, 0, 0, 0, 0]
     torch.testing.assert_close(r2, torch.tensor([expected0, expected1]))
-    # row 1 cut at the cutoff and bootstrapped: its last token's reward subtracts V of the state after it
-    r2_cut = rq.derived_reward(rq.gather_actions(q_r, labels), v, labels, 0.5, cut=torch.tensor([False, True]))
-    expected1[1] = 102 - 0.5 * v[1, 2]
-    torch.testing.assert_close(r2_cut, torch.tensor([expected0, expected1]))
-
-
-@pytest.mark.parametrize("gamma", [1.0, 0.9])
-def test_a_bootstrapped_cut_subtracts_the_value_after_the_last_token(gamma):
-    q_r, logp1, labels = random_batch(seed=5)
-    cut = torch.tensor([True, False, True, False, True])
-    v = rq.soft_value(q_r, logp1, 0.5, 2.0)  # (B, T)
-    q_sa = rq.gather_actions(q_r, labels)
-    terminal = rq.response_return(rq.derived_reward(q_sa, v, labels, gamma), labels)
-    bootstrapped = rq.response_return(rq.derived_reward(q_sa, v, labels, gamma, cut), labels)
-    last = labels.shape[1] - 1 - (labels != IGNORE).flip(-1).int().argmax(-1)  # (B,) position of the last token
-    v_T = v.gather(1, last[:, None]).squeeze(1)  # V(s_T): the state after the last response token
-    torch.testing.assert_close(bootstrapped, terminal - gamma * v_T * cut, rtol=1e-10, atol=1e-10)
-    assert (v_T[cut].abs() > 1e-3).all()  # the difference is real
 
 
 def test_the_scored_window_gives_the_same_rewards_as_the_whole_sequence():
@@ -105,13 +87,16 @@ def test_zero_head_with_alpha0_equal_alpha_tilde_is_the_frozen_policy():
     for a in (0.3, 1.0, 2.5):
         logits = rq.customised_logits(torch.zeros_like(logp1), logp1, a, a)
         torch.testing.assert_close(torch.log_softmax(logits, -1), logp1, rtol=0, atol=1e-12)
-        kl = rq.kl_to_frozen(torch.zeros_like(logp1), logp1, a, a)
+        kl = rq.kl_divergence(rq.customised_logprobs(torch.zeros_like(logp1), logp1, a, a), logp1)
         assert kl.abs().max() < 1e-12
 
 
-def test_kl_is_positive_for_a_nonzero_head():
+def test_kl_by_hand_and_positive_for_a_nonzero_head():
+    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.5, 0.25])
+    expected = 0.5 * torch.log(torch.tensor(2.0)) + 0.25 * torch.log(torch.tensor(0.5))  # Σ p·log(p/q)
+    torch.testing.assert_close(rq.kl_divergence(p.log(), q.log()), expected)
     q_r, logp1, _ = random_batch()
-    assert (rq.kl_to_frozen(q_r, logp1, 1.0, 1.0) > 0).all()
+    assert (rq.kl_divergence(rq.customised_logprobs(q_r, logp1, 1.0, 1.0), logp1) > 0).all()
 
 
 @pytest.mark.parametrize("alpha0,alpha_tilde", [(1.0, 1.0), (0.1, 0.1), (0.5, 2.0)])
@@ -158,27 +143,94 @@ def test_repetition_unlikelihood_by_hand():
     torch.testing.assert_close(repetition_unlikelihood(logp, labels), torch.tensor(2.0).log() / 3)
 
 
-def test_bt_loss_by_hand():
+def paper_loss(q_sa, labels, beta):
+    """q_adapter_loss with V = 0 everywhere, so that r2 = Q_R(s_t, a_t) on the response: r2 by hand."""
+    B2, T = labels.shape
+    return q_adapter_loss(q_sa, torch.zeros(B2, T), torch.zeros_like(q_sa), labels, 1.0, 1.0, 1.0, beta)
+
+
+def test_q_adapter_loss_by_hand():
     # 2 pairs; rewards chosen first. Pair 0: returns 3 vs 1; pair 1: returns 0 vs 2.
     labels = torch.tensor([[IGNORE, 1, 1], [IGNORE, 1, IGNORE], [IGNORE, 1, IGNORE], [IGNORE, 1, 1]])
     r2 = torch.tensor([[1.0, 2.0], [0.0, 99.0], [1.0, 99.0], [1.0, 1.0]])  # 99s are not scored
-    loss, m = bt_loss(r2, labels, beta=0.0)
+    loss, m = paper_loss(r2, labels, beta=0.0)
     margins = torch.tensor([2.0, -2.0])
     torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(margins).mean())
     assert m["rewards/accuracies"] == 0.5 and m["rewards/margins"] == 0.0
     assert m["rewards/chosen"] == 1.5 and m["rewards/rejected"] == 1.5
-    loss_b, m_b = bt_loss(r2, labels, beta=0.1)
+    loss_b, m_b = paper_loss(r2, labels, beta=0.1)
     chi2 = (1 + 4 + 0 + 1 + 1 + 1) / 6
     torch.testing.assert_close(loss_b, loss + 0.1 * chi2)
     torch.testing.assert_close(m_b["loss/chi2"], torch.tensor(chi2))
+    assert "loss/nll" not in m_b and "loss/unlikelihood" not in m_b  # the paper's loss: no extra term
+
+
+def whole_tensor_loss(q_r, logp1, labels, alpha0, alpha_tilde, gamma, beta, nll, unlikelihood):
+    """The loss written from whole (2B, T, V) tensors, each term from its definition: r2 = Q_R(s_t,a_t)
+    − γ·V(s_{t+1}); BT on R = Σ r2; the NLL and unlikelihood terms from log_softmax of π~'s logits."""
+    v = rq.soft_value(q_r, logp1, alpha0, alpha_tilde)  # (2B, T)
+    r2 = rq.derived_reward(rq.gather_actions(q_r, labels), v, labels, gamma)
+    _, mask = rq.next_tokens(labels)
+    chosen, rejected = rq.response_return(r2, labels).chunk(2)
+    loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean() + beta * (r2 ** 2)[mask].mean()
+    logp = torch.log_softmax(rq.customised_logits(q_r, logp1, alpha0, alpha_tilde), -1)[:, :-1]  # (2B, T-1, V)
+    B = labels.shape[0] // 2
+    loss = loss - nll * rq.gather_actions(torch.nn.functional.pad(logp, (0, 0, 0, 1)), labels)[:B][mask[:B]].mean()
+    total = 0.0
+    for b in range(B):  # −Σ_t Σ_{c used before t, c ≠ a_t} log(1 − π~(c|s_t)), each c once
+        steps = mask[b].nonzero().flatten().tolist()
+        for k, t in enumerate(steps):
+            used = {int(labels[b, s + 1]) for s in steps[:k]} - {int(labels[b, t + 1])}
+            total = total - sum(torch.log1p(-logp[b, t, c].exp().clamp(max=1 - 1e-6)) for c in used)  # p ≤ 1 − 1e-6
+    return loss + unlikelihood * total / mask[:B].sum()
+
+
+@pytest.mark.parametrize("nll,unlikelihood", [(0.0, 0.0), (1.0, 0.0), (0.5, 2.0)])
+@pytest.mark.parametrize("alpha0,alpha_tilde,gamma,beta", [(0.1, 0.1, 1.0, 0.1), (0.6, 1.5, 0.9, 0.05)])
+def test_q_adapter_loss_equals_the_loss_written_from_whole_tensors(alpha0, alpha_tilde, gamma, beta, nll,
+                                                                    unlikelihood):
+    """The one-screen loss, fed the per-token quantities, equals each term computed from its definition
+    on (2B, T, V) tensors: values and gradients with respect to Q_R."""
+    q_r, logp1, labels = random_batch(B=4, seed=6)
+    q_r.requires_grad_(True)
+    v = rq.soft_value(q_r, logp1, alpha0, alpha_tilde)
+    logp = rq.customised_logprobs(q_r, logp1, alpha0, alpha_tilde)[:, :-1]  # (2B, T-1, V)
+    actions, _ = rq.next_tokens(labels)
+    every = logp.gather(-1, actions[:, None, :].expand(-1, actions.shape[1], -1))  # (2B, T-1, T-1)
+    ours, metrics = q_adapter_loss(rq.gather_actions(q_r, labels), v, rq.gather_actions(logp1, labels), labels,
+                                   alpha0, alpha_tilde, gamma, beta, nll, unlikelihood, every)
+    (grad_ours,) = torch.autograd.grad(ours, q_r)
+    theirs = whole_tensor_loss(q_r, logp1, labels, alpha0, alpha_tilde, gamma, beta, nll, unlikelihood)
+    (grad_theirs,) = torch.autograd.grad(theirs, q_r)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-10, atol=1e-10)
+    assert metrics["loss"] == ours.detach()
+
+
+def test_with_alpha0_equal_alpha_tilde_the_bt_term_is_dpos_loss():
+    """γ = 1, α0 = α̃ = β_DPO: R(y_w) − R(y_l) = β·(Δlog π~ − Δlog π1), so the BT term is DPO's loss of π~."""
+    q_r, logp1, labels = random_batch(B=4, seed=7)
+    labels = torch.full_like(labels, IGNORE)
+    for row, length in enumerate([4, 9, 6, 2]):  # every prompt 3 tokens: each response starts at position 3
+        labels[row, 3:3 + length] = torch.arange(length) % 5
+    q_r[2:, 2], logp1[2:, 2] = q_r[:2, 2], logp1[:2, 2]  # a pair's two rows share the state s_0 (position 2)
+    b = 0.1
+    v = rq.soft_value(q_r, logp1, b, b)
+    _, m = q_adapter_loss(rq.gather_actions(q_r, labels), v, rq.gather_actions(logp1, labels), labels, b, b, 1.0, 0.0)
+    logp_y = rq.response_logprob(rq.customised_logits(q_r, logp1, b, b), labels)  # (2B,) log π~(y|x)
+    logp1_y = rq.response_logprob(logp1, labels)  # (2B,) log π1(y|x)
+    (pw, pl), (rw, rl) = logp_y.chunk(2), logp1_y.chunk(2)
+    dpo = -torch.nn.functional.logsigmoid(b * ((pw - rw) - (pl - rl))).mean()
+    torch.testing.assert_close(m["loss/bt"], dpo, rtol=1e-10, atol=1e-10)
 
 
 def test_one_step_raises_the_margin():
     q_r, logp1, labels = random_batch(B=2, seed=3)
     q_r.requires_grad_(True)
     def margin():
-        r2 = reward(q_r, logp1, labels, 0.5, 1.0, 1.0)
-        return bt_loss(r2, labels, beta=0.1)
+        v = rq.soft_value(q_r, logp1, 0.5, 1.0)
+        return q_adapter_loss(rq.gather_actions(q_r, labels), v, rq.gather_actions(logp1, labels), labels, 0.5, 1.0,
+                              1.0, 0.1)
     loss, before = margin()
     loss.backward()
     with torch.no_grad():

@@ -388,14 +388,14 @@ def test_a_loss_that_is_not_finite_stops_and_keeps_the_last_checkpoint(long_run,
     argv, _ = long_run
     run = tmp_path / "run"
     calls = {"n": 0}
-    real_loss = train.bt_loss
+    real_loss = train.q_adapter_loss
 
     def poisoned(*a, **k):  # the 6th batch's loss is NaN
         calls["n"] += 1
         loss, metrics = real_loss(*a, **k)
         return (loss * float("nan"), {**metrics, "loss": float("nan")}) if calls["n"] == 6 else (loss, metrics)
 
-    monkeypatch.setattr(train, "bt_loss", poisoned)
+    monkeypatch.setattr(train, "q_adapter_loss", poisoned)
     with pytest.raises(SystemExit) as e:
         cli.run(train.main, argv(run, "--save-every", "2"))
     assert e.value.code == 1

@@ -85,7 +85,7 @@ def test_weighted_heads_add_their_residual_q_functions(base, tokenizer):
 def test_composed_decoding_runs_the_frozen_model_once_per_step(base, tokenizer):
     """Three heads, one frozen forward per token; the cached decoding equals the full forward."""
     heads = M.WeightedHeads([random_head(base, s) for s in (1, 2, 3)], [0.5, 0.25, 1.0])
-    adapter = M.QAdapter(base, heads)
+    adapter = M.QAdapter(base, heads, alpha0=1.0, alpha_tilde=1.0)
     calls = []
     hook = base.get_decoder().register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -99,7 +99,7 @@ def test_composed_decoding_runs_the_frozen_model_once_per_step(base, tokenizer):
     caches = DynamicCache(config=base.config), adapter.new_head_cache()
     for t in range(4):
         logits, _, _ = fused_path.next_logits(adapter, ids[:1, t:t + 1], torch.ones(1, t + 1, dtype=torch.long),
-                                           torch.tensor([[t]]), caches[0], caches[1])
+                                           torch.tensor([[t]]), caches[0], caches[1], 1.0, 1.0)
         torch.testing.assert_close(torch.log_softmax(logits, -1), full[:, t], rtol=0, atol=1e-4)
 
 

@@ -70,6 +70,25 @@ def test_train_script_learns_a_separable_preference_and_sample_loads_it(tiny_pat
     assert set(answers[0]) == {"prompt", "customised", "finished", "frozen", "frozen_finished"}
 
 
+def test_a_loaded_checkpoint_decodes_at_its_own_alphas_unless_told(tiny_path, separable, tmp_path):
+    """sample.generate defaults to the α0 and α̃ the head was trained with (not 1); the dial overrides
+    both; an adapter built by hand carries none, and decoding with it then asks for them."""
+    import sample
+    out = tmp_path / "run"
+    train.main(common_args(tiny_path, separable, out) + ["--samples", "0", "--alpha0", "0.3", "--alpha-tilde", "0.2"])
+    adapter, tok, config = loading.load_policy(out)
+    assert (adapter.alpha0, adapter.alpha_tilde) == (config["alpha0"], config["alpha_tilde"]) == (0.3, 0.2)
+    prompt = [[{"role": "user", "content": "Do you like cats?"}]]
+    assert sample.generate(adapter, tok, prompt, max_new_tokens=4) == \
+        sample.generate(adapter, tok, prompt, alpha0=0.3, alpha_tilde=0.2, max_new_tokens=4)
+    dialled, _, _ = loading.load_policy(out, alpha0=0.5)
+    assert (dialled.alpha0, dialled.alpha_tilde) == (0.5, 0.5)
+    by_hand = M.QAdapter(adapter.base, adapter.head)
+    with pytest.raises(ValueError, match="pass alpha0 and alpha_tilde"):
+        sample.generate(by_hand, tok, prompt, max_new_tokens=2)
+    assert sample.generate(by_hand, tok, prompt, max_new_tokens=2, frozen_only=True)  # pi1 needs no α
+
+
 def test_resume_reproduces_an_uninterrupted_run(tiny_path, separable, tmp_path):
     full = train.main(common_args(tiny_path, separable, tmp_path / "full") + ["--epochs", "2", "--samples", "0"])
     part = common_args(tiny_path, separable, tmp_path / "part") + ["--epochs", "2", "--samples", "0"]
@@ -86,19 +105,16 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_path, separable, tmp_path):
     assert steps(lines("full")) == steps(lines("part"))
 
 
-@pytest.mark.parametrize("flags", [[], ["--cut", "bootstrap", "--cutoff", "5", "--max-prompt", "3"]])
+@pytest.mark.parametrize("flags", [[], ["--cutoff", "5", "--max-prompt", "3"]])
 def test_kept_frozen_outputs_give_what_recomputing_gives(tiny_path, separable, tmp_path, flags):
     """Epoch 2 reads the frozen hidden states and log Z1 kept from epoch 1 (--cache-gb); with the
-    cache off it recomputes them. The trained heads agree to float rounding. With --cutoff 5 every
-    answer is cut ("Yes." and its EOS need 3 tokens, 2 are left), and --cut bootstrap reads V, so
-    log Z1, after the last kept token too."""
+    cache off it recomputes them. The trained heads agree to float rounding, also with --cutoff 5,
+    where every answer is cut ("Yes." and its EOS need 3 tokens, 2 are left)."""
     runs = {}
     for name, budget in (("kept", "4"), ("recomputed", "0")):
         args = common_args(tiny_path, separable, tmp_path / name) + ["--epochs", "2", "--samples", "0",
                                                                      "--cache-gb", budget, *flags]
         runs[name] = train.main(args)
-    config = json.loads((tmp_path / "kept" / "checkpoint" / "config.json").read_text())
-    assert config["cut"] == ("bootstrap" if flags else "terminal")
     a = load_file(tmp_path / "kept" / "checkpoint" / "head.safetensors")
     b = load_file(tmp_path / "recomputed" / "checkpoint" / "head.safetensors")
     for k in a:
