@@ -11,6 +11,7 @@ PY := .venv/bin/python
 	$(PY) -m pip install -q -r requirements-eval.txt
 	touch $@
 
+# make demo trains with two loss terms beyond the paper, --nll 1 and --unlikelihood 3 (README: what each adds)
 demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M: answers a child would understand), then show what it writes
 	$(PY) train.py --out-dir runs/demo --overwrite --samples 0 --epochs 3 --nll 1 --unlikelihood 3
 	$(PY) demo/show.py runs/demo --limit 48 --alpha0 0.08

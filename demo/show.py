@@ -89,19 +89,18 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, with --temperature > 0")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: a GPU if there is one)")
     args = ap.parse_args(argv)
+    cli.check(args.alpha0 is None or args.alpha0 > 0, f"--alpha0 must be > 0, got {args.alpha0}")
+    cli.check(args.temperature >= 0, f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    cli.check(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
     device, dtype, why = loading.pick_device(args.device)
-    adapter, tok, config = loading.load_adapter(args.run, device, dtype)
+    adapter, tok, config = loading.load_policy(args.run, device, dtype, alpha0=args.alpha0)
     source = args.prompts or config.get("test_data")
     cli.check(bool(source), f"{args.run}: the run split its data by prompt; give --prompts FILE")
     try:
         conversations = [p.prompt for p in data.load_pairs(source)][:args.limit or None]
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    cli.check(args.alpha0 is None or args.alpha0 > 0, f"--alpha0 must be > 0, got {args.alpha0}")
-    cli.check(args.temperature >= 0, f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
-    cli.check(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
-    alphas = dict(alpha0=config["alpha0"], alpha_tilde=config["alpha_tilde"]) if args.alpha0 is None else \
-        dict(alpha0=args.alpha0, alpha_tilde=args.alpha0)
+    alphas = dict(alpha0=adapter.alpha0, alpha_tilde=adapter.alpha_tilde)  # the run's, or the dial's
     opts = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                 top_p=args.top_p, seed=args.seed)
     frozen = generate_batched(adapter, tok, conversations, desc="frozen answers", frozen_only=True, **opts)
