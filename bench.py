@@ -363,7 +363,7 @@ def measure_train_step_disk(setup, args):
 
 
 def measure_train_step_lora(setup, args):
-    """The paper's parameterisation (train.py --q-head lora, model.LoraHead): LoRA rank --lora-rank on
+    """The LoRA Q-head, as the paper's Q-adapter (train.py --q-head lora, model.LoraHead): LoRA rank --lora-rank on
     q and v of every layer, Q_R = logits with it − logits without. Its step adds a second forward and
     a backward through the whole model to ours; no target, the figure says what that costs."""
     M = setup.M

@@ -28,9 +28,11 @@ response state.
 
 Writes to --out-dir: metrics.jsonl (one JSON record per step and per evaluation), summary.json, and
 checkpoint/ (head.safetensors, config.json, trainer_state.pt), replaced atomically at each save.
-Ctrl-C or SIGTERM finishes the step, saves and exits (130 / 143); `--resume` then continues exactly
-where the uninterrupted run would have been (support/run_state.py). A loss or gradient that is not
-finite stops the run (exit 1) without saving over the last good checkpoint. Bad flags, files and
+Ctrl-C, SIGTERM or a hang-up (SIGHUP) finishes the step, saves and exits (130 / 143 / 129); `--resume`
+then continues exactly where the uninterrupted run would have been (support/run_state.py). A loss
+or gradient that is not finite, a step out of GPU memory, or a checkpoint that cannot be written (a
+full disk) stops the run with one line and exit code 1, the last complete checkpoint kept. Output
+nobody reads any more (`| head`, a dead `tee`) is dropped and the run goes on. Bad flags, files and
 checkpoints give one line and exit code 2 (support/cli.py). Several processes: support/distributed.py.
 """
 import os
@@ -366,9 +368,8 @@ def train_step(run, group, where):
     if not (math.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
         kept = (f"{run.out_dir / 'checkpoint'} (step {run.saved_step}) is kept" if run.saved_step
                 else "no checkpoint was saved yet")
-        print(f"\nerror: the loss is {sums['loss']} and the gradient norm {float(grad_norm)} at {where}: stopped "
-              f"without saving; {kept}. Try a lower --lr or a larger --beta", file=sys.stderr)
-        raise SystemExit(1)
+        raise cli.Stopped(f"error: the loss is {sums['loss']} and the gradient norm {float(grad_norm)} at {where}: "
+                          f"stopped without saving; {kept}. Try a lower --lr or a larger --beta")
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -392,18 +393,23 @@ def evaluate_and_save(run, step, evaluate_too=True):
 
 def train(run):
     """Epochs of shuffled batches, an optimiser step per --grad-accum batches; evaluates and saves on
-    schedule; on Ctrl-C / SIGTERM saves and exits; stops at --max-steps. Returns the last evaluation."""
+    schedule; on Ctrl-C / SIGTERM / SIGHUP saves and exits; stops at --max-steps. Returns the last
+    evaluation. A step out of GPU memory, or a checkpoint that cannot be written, stops with one line."""
     args, step = run.args, run.progress["step"]
     run.saved_step, evaluated_step, record = step, None, None
     run.adapter.head.train()
     bar = tqdm(total=run.total_steps, initial=step, desc="training", disable=not run.main_process)
-    with run_state.StopSignals() as stop:
+    with bar, run_state.StopSignals() as stop:  # the bar ends its line before any last line is printed
         for epoch in range(run.progress["epoch"], args.epochs):
             batches = distributed.global_batches(len(run.train_set), args, run.world, epoch)
             start = run.progress["batch_in_epoch"] if epoch == run.progress["epoch"] else 0
             for b in range(start, len(batches), args.grad_accum):
                 t0, group = time.time(), batches[b:b + args.grad_accum]
-                metrics = train_step(run, group, f"step {step + 1} (epoch {epoch}, batches {b}-{b + len(group) - 1})")
+                where = f"step {step + 1} (epoch {epoch}, batches {b}-{b + len(group) - 1})"
+                try:
+                    metrics = train_step(run, group, where)
+                except torch.cuda.OutOfMemoryError:
+                    raise run_state.out_of_memory(where, args, run.out_dir) from None
                 step += 1
                 if run.main_process:
                     run_state.append_jsonl(run.metrics_path, {"step": step, "epoch": epoch, **metrics, "pairs_per_s":
@@ -428,7 +434,6 @@ def train(run):
                     break
             if step == args.max_steps:
                 break
-    bar.close()
     return record if evaluated_step == step else evaluate_and_save(run, step)
 
 

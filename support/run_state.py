@@ -5,17 +5,24 @@
     checkpoint/     head.safetensors, config.json, trainer_state.pt
 
 A checkpoint is written to a temporary folder, then swapped in with two renames, so a crash (even
-kill -9) never leaves half of one; weights are safetensors, the optimizer's tensors are loaded with
+kill -9) never leaves half of one, and a write that fails (a full disk, no permission) leaves the
+previous one in place; weights are safetensors, the optimizer's tensors are loaded with
 weights_only=True. --resume restores head, optimizer, schedule, data position and RNG, so the run
 continues exactly where the uninterrupted one would have been.
+
+What stops a run: a signal (StopSignals: save, then exit 130 / 143 / 129), and, with one line and
+exit code 1 (cli.Stopped), a checkpoint that cannot be written or a step out of GPU memory.
 """
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import time
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from support import cli, loading
@@ -26,22 +33,50 @@ RESUME_MUST_MATCH = ("base_model", "base_heads", "q_head", "head_width", "head_l
 
 
 def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, world):
+    """Writes checkpoint/ whole or not at all. A write that fails (a full disk, no permission) removes
+    the temporary folder, keeps the previous checkpoint, and stops the run with one line (exit 1)."""
     final, tmp, old = out_dir / "checkpoint", out_dir / ".checkpoint-tmp", out_dir / ".checkpoint-old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     meta = {"base_model": args.base_model, "base_vocab_size": adapter.out_weight.shape[0], "world_size": world,
             "base_heads": args.chain,  # the heads this one is stacked on (model.chain_of)
             **{k: getattr(args, k) for k in
                ("alpha0", "alpha_tilde", "gamma", "beta", "nll", "unlikelihood", "cutoff", "max_prompt", "lr",
                 "epochs", "batch_size", "grad_accum", "seed", "head_width", "head_layers", "head_heads", "lora_rank",
                 "lora_modules", "data", "test_data", "split", "test_fraction", "split_seed", "train_limit", "eval_limit")}, **progress}
-    loading.save_adapter(tmp, adapter.head, meta)
+    trainer_state = io.BytesIO()  # through memory: torch.save straight to a full disk says only "unexpected pos"
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), **progress}, tmp / "trainer_state.pt")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)  # the moment the new checkpoint becomes the checkpoint
+                "torch_rng": torch.get_rng_state(), **progress}, trainer_state)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        loading.save_adapter(tmp, adapter.head, meta)
+        (tmp / "trainer_state.pt").write_bytes(trainer_state.getbuffer())
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)  # the moment the new checkpoint becomes the checkpoint
+    except (OSError, SafetensorError) as e:  # safetensors wraps the OS error in its own
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():  # failed between the two renames: the previous one goes back
+            os.replace(old, final)
+        raise cli.Stopped(f"error: cannot save the checkpoint in {final}: {os_cause(e)} "
+                          f"({kept_checkpoint(out_dir)})") from None
     shutil.rmtree(old, ignore_errors=True)
+
+
+def os_cause(e):
+    """The system's words for a failed write ("No space left on device"), also from a library's error."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os error (\d+)", str(e))  # safetensors: "... No space left on device (os error 28)"
+    return os.strerror(int(code[1])) if code else str(e).splitlines()[0][:200]
+
+
+def kept_checkpoint(out_dir):
+    """What --resume would continue from, as the checkpoint on disk says."""
+    try:
+        step = json.loads((out_dir / "checkpoint" / loading.CONFIG_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint was saved yet"
+    return f"the last complete checkpoint, step {step}, is kept"
 
 
 def load_trainer_state(out_dir, adapter, optimizer, scheduler, args, world):
@@ -103,29 +138,52 @@ def append_jsonl(path, record):
 
 
 
-# stopping: Ctrl-C and SIGTERM finish the step and save; a loss that is not finite saves nothing
+# stopping: a signal finishes the step and saves; a loss that is not finite saves nothing; a step out
+# of GPU memory, or a checkpoint that cannot be written, stops with one line and the last checkpoint
+
+
+STOP_CODES = {signal.SIGINT: cli.INTERRUPTED, signal.SIGTERM: cli.TERMINATED, signal.SIGHUP: cli.HUNG_UP}
 
 
 class StopSignals:
-    """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption, torchrun passing one
-    on) only set `code`; the training loop checks it after each step, saves a checkpoint and exits
-    with 130 or 143. A second signal stops at once (KeyboardInterrupt)."""
+    """While active, SIGINT (Ctrl-C), SIGTERM (a scheduler's pre-emption, torchrun passing one on)
+    and SIGHUP (the SSH session or terminal went away) only set `code`; the training loop checks it
+    after each step, saves a checkpoint and exits with 130, 143 or 129. A second Ctrl-C or SIGTERM
+    stops at once (KeyboardInterrupt); a second hang-up does not (a dropped session may send two). A
+    signal the run was started ignoring stays ignored (`nohup` ignores SIGHUP; a script's `cmd &`, SIGINT)."""
 
     def __enter__(self):
-        self.code, self.previous = 0, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.code = 0
+        self.previous = {s: signal.getsignal(s) for s in STOP_CODES if signal.getsignal(s) != signal.SIG_IGN}
         for s in self.previous:
             signal.signal(s, self.handler)
         return self
 
     def handler(self, signum, frame):
         if self.code:
+            if signum == signal.SIGHUP:
+                return
             raise KeyboardInterrupt
-        self.code = cli.INTERRUPTED if signum == signal.SIGINT else cli.TERMINATED
+        self.code = STOP_CODES[signum]
         tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step (again: stop at once)")
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
             signal.signal(s, h)
+
+
+def out_of_memory(where, args, out_dir):
+    """The one line (cli.Stopped, exit 1) for a step that did not fit in GPU memory: where, the batch,
+    and what to try: fewer pairs per forward pass, more passes per step, the same pairs per step."""
+    b, per_step = args.batch_size, args.batch_size * args.grad_accum
+    smaller = max((d for d in range(1, b // 2 + 1) if b % d == 0), default=0)  # the largest divisor up to b/2
+    try_this = (f"--batch-size {smaller} --grad-accum {per_step // smaller} (the same {per_step} pairs per step; "
+                f"a new run, as --resume keeps the batch size)" if smaller
+                else f"a shorter --cutoff (now {args.cutoff})")
+    return cli.Stopped(
+        f"error: out of GPU memory at {where} with --batch-size {b} ({kept_checkpoint(out_dir)}). Try {try_this}, "
+        f"or find the largest batch that fits: python bench.py --base-model {args.base_model} "
+        f"--max-batch-length {args.cutoff} --extra max_batch")
 
 
 def report(run, record, before, after):

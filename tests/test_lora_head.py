@@ -1,4 +1,4 @@
-"""The paper's own Q-adapter, LoRA on the frozen model's layers (model.LoraHead, train.py --q-head lora):
+"""The LoRA Q-head, LoRA on the frozen model's layers as in the paper's Q-adapter (model.LoraHead, --q-head lora):
 Q_R = W_out·(h_lora − h) reproduces the frozen model at step 0, runs through both paths, decodes
 with its own KV cache, trains, saves its LoRA weights alone, loads and resumes."""
 import json

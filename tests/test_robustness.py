@@ -1,10 +1,14 @@
 """Robustness: a corpus of bad inputs with the exact behaviour each gets, interruptions (Ctrl-C,
-SIGTERM, kill -9) and resumes, a loss that turns NaN, and two processes under torchrun.
+SIGTERM, a hang-up, kill -9) and resumes, output nobody reads, a loss that turns NaN, a checkpoint
+that cannot be written, a step out of GPU memory, and two processes under torchrun.
 
 Every bad input ends in one line on stderr naming what and where, exit code 2, and nothing
 written; or, where DESIGN says rows are skipped, a counted skip in the summary line."""
+import errno
 import json
 import os
+import pathlib
+import pty
 import shutil
 import signal
 import socket
@@ -14,13 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import sample
 import train
 from tests.conftest import separable_pairs, tiny_llama, write_jsonl
-from support import cli
+from support import cli, loading, run_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = separable_pairs(1)[0]
@@ -349,7 +355,8 @@ def assert_same_as_uninterrupted(run, full):
     assert drop_speed(training_steps(run)) == drop_speed(training_steps(full))
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, cli.INTERRUPTED), (signal.SIGTERM, cli.TERMINATED)])
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, cli.INTERRUPTED), (signal.SIGTERM, cli.TERMINATED),
+                                         (signal.SIGHUP, cli.HUNG_UP)], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_saves_then_resume_is_exact(signum, code, long_run, tmp_path):
     argv, full = long_run
     run = tmp_path / "run"
@@ -358,11 +365,89 @@ def test_a_signal_saves_then_resume_is_exact(signum, code, long_run, tmp_path):
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
-    assert "checkpoint saved" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("stopped at step ") and "Traceback" not in err
     config = json.loads((run / "checkpoint" / "config.json").read_text())
     assert 3 <= config["step"] < 20 and config["step"] == training_steps(run)[-1]["step"]
     cli.run(train.main, argv(run, "--resume"))
     assert_same_as_uninterrupted(run, full)
+
+
+def the_checkpoint_loads(run):
+    """run/checkpoint loads as sample.py and --resume read it, and nothing half-written is left
+    beside it; returns its step."""
+    _, _, config = loading.load_adapter(run / "checkpoint")
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == config["step"]
+    assert not (run / ".checkpoint-tmp").exists() and not (run / ".checkpoint-old").exists()
+    return config["step"]
+
+
+def test_a_dropped_ssh_session_saves_and_exits(long_run, tmp_path):
+    """The run's terminal goes away (its pty hangs up: every write to it fails with EIO), then
+    SIGHUP arrives, as when an SSH connection drops: the run saves and exits 129 all the same."""
+    argv, _ = long_run
+    run = tmp_path / "run"
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv(run)], stdin=subprocess.DEVNULL,
+                            stdout=terminal, stderr=terminal, cwd=ROOT)
+    os.close(terminal)
+    os.set_blocking(master, False)
+
+    def reading_the_terminal(n_steps):
+        try:
+            os.read(master, 1 << 16)
+        except OSError:  # nothing to read yet
+            pass
+        return len(training_steps(run)) >= n_steps
+
+    try:
+        t0 = time.time()
+        while not reading_the_terminal(3):
+            assert proc.poll() is None and time.time() - t0 < 120, "the run ended before it could be interrupted"
+            time.sleep(0.01)
+    finally:
+        os.close(master)  # the terminal hangs up
+    time.sleep(0.5)  # the run writes to a hung-up terminal for a while (bash passes SIGHUP on after it)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=120) == cli.HUNG_UP
+    assert the_checkpoint_loads(run) == training_steps(run)[-1]["step"] >= 3
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_output_nobody_reads_does_not_stop_the_run(closed, long_run, tmp_path):
+    """`train.py | head -1`, or a `tee` that died: the reader of stdout (or of stderr, where the
+    progress bar is) is gone before the first line. The output is dropped and the run goes on: exit
+    code 0 (not 120, from the interpreter's last flush of stdout), every step in metrics.jsonl,
+    the checkpoint saved at the end, and nothing about a broken pipe on the other stream."""
+    argv, _ = long_run
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv(run, "--max-steps", "4")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    getattr(proc, closed).close()
+    other = (proc.stderr if closed == "stdout" else proc.stdout).read()
+    assert proc.wait(timeout=120) == 0, other[-2000:]
+    assert not any(word in other for word in ("Traceback", "Exception ignored", "BrokenPipe")), other[-2000:]
+    assert [r["step"] for r in training_steps(run)] == [1, 2, 3, 4]
+    assert the_checkpoint_loads(run) == 4 and (run / "summary.json").exists()
+
+
+def test_a_hang_up_stays_ignored_under_nohup_and_a_second_one_does_not_stop_at_once():
+    """nohup starts the run with SIGHUP ignored: it stays ignored. A dropped session may send
+    SIGHUP twice: the second does not stop the run before it saves (a second Ctrl-C would)."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with run_state.StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.01)
+            assert stop.code == 0
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with run_state.StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.01)
+            assert stop.code == cli.HUNG_UP
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # put back as it was
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_kill_9_leaves_a_checkpoint_that_resumes_exactly(long_run, tmp_path):
@@ -405,6 +490,80 @@ def test_a_loss_that_is_not_finite_stops_and_keeps_the_last_checkpoint(long_run,
     assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 4
     assert all(torch.isfinite(t).all() for t in load_file(run / "checkpoint" / "head.safetensors").values())
     assert [r["step"] for r in training_steps(run)] == [1, 2, 3, 4, 5]
+
+
+def fails_on_call(n, error, real, when=lambda *a, **k: True):
+    """A stand-in for `real` that raises `error` on its n-th call for which `when` holds."""
+    calls = {"n": 0}
+
+    def stand_in(*a, **k):
+        if when(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise error
+        return real(*a, **k)
+    return stand_in
+
+
+def stops_with_one_line(capsys, argv, code):
+    """train.py through cli.run: the exit code, and stderr's last line (returned) with no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == code and "Traceback" not in "".join(err), err[-5:]
+    return err[-1]
+
+
+# the one call that fails at the second save (step 4), and the cause the user is told
+UNWRITABLE = {
+    "head, disk full": (safetensors.torch, "save_file",  # safetensors wraps the OS error in its own
+                        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                        lambda *a, **k: True, "No space left on device"),
+    "trainer state, no permission": (pathlib.Path, "write_bytes", PermissionError(errno.EACCES, "Permission denied"),
+                                     lambda path, data: path.name == "trainer_state.pt", "Permission denied"),
+    "the rename, read-only": (os, "replace", OSError(errno.EROFS, "Read-only file system"),
+                              lambda src, dst: pathlib.Path(src).name == ".checkpoint-tmp", "Read-only file system"),
+}
+
+
+@pytest.mark.parametrize("failing", UNWRITABLE, ids=list(UNWRITABLE))
+def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one(failing, long_run, tmp_path, monkeypatch, capsys):
+    """A full disk or a missing permission at any point of a save (the head, the trainer state,
+    the rename that swaps the new checkpoint in, after the old one was moved aside): one line naming
+    the folder and the cause, exit code 1, the previous checkpoint whole; --resume continues it
+    exactly."""
+    argv, full = long_run
+    run = tmp_path / "run"
+    owner, name, error, when, cause = UNWRITABLE[failing]
+    monkeypatch.setattr(owner, name, fails_on_call(2, error, getattr(owner, name), when))
+    last = stops_with_one_line(capsys, argv(run, "--save-every", "2"), cli.STOPPED)
+    assert last == (f"error: cannot save the checkpoint in {run / 'checkpoint'}: {cause} "
+                    f"(the last complete checkpoint, step 2, is kept)")
+    assert the_checkpoint_loads(run) == 2
+    monkeypatch.undo()
+    if failing == "the rename, read-only":  # the old checkpoint had been moved aside, and came back
+        cli.run(train.main, argv(run, "--resume"))
+        assert_same_as_uninterrupted(run, full)
+
+
+def test_out_of_gpu_memory_says_what_to_try_and_keeps_the_last_checkpoint(long_run, tmp_path, monkeypatch, capsys):
+    """torch.cuda.OutOfMemoryError in the forward or backward of step 5 (on a CPU: raised in its
+    place): one line with the step, the batch size and what to try, exit code 1, the checkpoint of
+    step 4 whole; --resume continues it exactly."""
+    argv, full = long_run
+    run = tmp_path / "run"
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "batch_loss", fails_on_call(5, oom, train.batch_loss))
+    last = stops_with_one_line(capsys, argv(run, "--save-every", "2"), cli.STOPPED)
+    assert last.startswith("error: out of GPU memory at step 5 (epoch 0, batches 4-4) with --batch-size 2 "
+                           "(the last complete checkpoint, step 4, is kept). Try --batch-size 1 --grad-accum 2 "
+                           "(the same 2 pairs per step"), last
+    assert "--extra max_batch" in last and "python bench.py" in last
+    assert the_checkpoint_loads(run) == 4
+    monkeypatch.undo()
+    cli.run(train.main, argv(run, "--resume"))
+    assert_same_as_uninterrupted(run, full)
 
 
 # ------------------------------------------------------------------------------------------------
