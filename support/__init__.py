@@ -6,7 +6,8 @@ bt_loss.py, data.py, train.py, sample.py), which call into it where it belongs:
     fused_path.py    the default training, evaluation and decoding path: Q_R(s,a), log pi1(a|s), V(s)
                      without (B, T, V) tensors, tested equal to the plain path of the concept files
     frozen_cache.py  the frozen model's outputs kept across epochs (memory, then disk)
-    run_state.py     atomic checkpoints, --resume, metrics files, stop signals
+    run_state.py     atomic checkpoints, --resume, metrics files, stop signals (SIGINT, SIGTERM, SIGHUP),
+                     a checkpoint that cannot be written, a step out of GPU memory
     distributed.py   torchrun: processes, data shares, summed metrics
     data_files.py    reading .jsonl / .json / .parquet files and hub data sets into rows
     cli.py           one-line errors and exit codes
