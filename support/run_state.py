@@ -150,7 +150,9 @@ class StopSignals:
     and SIGHUP (the SSH session or terminal went away) only set `code`; the training loop checks it
     after each step, saves a checkpoint and exits with 130, 143 or 129. A second Ctrl-C or SIGTERM
     stops at once (KeyboardInterrupt); a second hang-up does not (a dropped session may send two). A
-    signal the run was started ignoring stays ignored (`nohup` ignores SIGHUP; a script's `cmd &`, SIGINT)."""
+    signal the run was started ignoring stays ignored (`nohup` ignores SIGHUP; a script's `cmd &`, SIGINT),
+    and after a hang-up, SIGHUP stays ignored while the run saves and exits (a terminal that goes away
+    sends one, and the SSH daemon or the shell may send another)."""
 
     def __enter__(self):
         self.code = 0
@@ -168,8 +170,8 @@ class StopSignals:
         tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step (again: stop at once)")
 
     def __exit__(self, *exc):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
+        for s, h in self.previous.items():  # after a hang-up, the ones that follow it stay harmless while the run exits
+            signal.signal(s, signal.SIG_IGN if s == signal.SIGHUP and self.code == cli.HUNG_UP else h)
 
 
 def out_of_memory(where, args, out_dir):

@@ -406,7 +406,8 @@ def test_a_dropped_ssh_session_saves_and_exits(long_run, tmp_path):
             time.sleep(0.01)
     finally:
         os.close(master)  # the terminal hangs up
-    time.sleep(0.5)  # the run writes to a hung-up terminal for a while (bash passes SIGHUP on after it)
+    n = len(training_steps(run))
+    wait_for(lambda: len(training_steps(run)) > n, proc)  # a step written to a hung-up terminal (then SIGHUP comes)
     proc.send_signal(signal.SIGHUP)
     assert proc.wait(timeout=120) == cli.HUNG_UP
     assert the_checkpoint_loads(run) == training_steps(run)[-1]["step"] >= 3
@@ -432,7 +433,8 @@ def test_output_nobody_reads_does_not_stop_the_run(closed, long_run, tmp_path):
 
 def test_a_hang_up_stays_ignored_under_nohup_and_a_second_one_does_not_stop_at_once():
     """nohup starts the run with SIGHUP ignored: it stays ignored. A dropped session may send
-    SIGHUP twice: the second does not stop the run before it saves (a second Ctrl-C would)."""
+    SIGHUP twice: the second does not stop the run before it saves (a second Ctrl-C would), and
+    after the first, SIGHUP stays ignored while the run exits."""
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with run_state.StopSignals() as stop:
@@ -445,7 +447,11 @@ def test_a_hang_up_stays_ignored_under_nohup_and_a_second_one_does_not_stop_at_o
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(0.01)
             assert stop.code == cli.HUNG_UP
-        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # put back as it was
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # further hang-ups stay harmless while it exits
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with run_state.StopSignals():
+            pass
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # no hang-up: put back as it was
     finally:
         signal.signal(signal.SIGHUP, previous)
 
