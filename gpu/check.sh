@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# gpu/check.sh: the project on one NVIDIA GPU (issue 13, part 3), in about 5 minutes, at most 9.
+# gpu/check.sh: the project on one NVIDIA GPU, in about 5 minutes, at most 9.
 #
 # HOW TO RUN
-#   1. On this (CPU) machine, once, in the repository root:
+#   1. On a machine with network access, once, in the repository root:
 #          bash gpu/check.sh --prepare
-#      It writes out/gpu-carry/ (git ignores out/; about 16 MB): tokenizer/, the embedded SmolLM2's
+#      It writes out/gpu-offline/ (git ignores out/; about 16 MB): tokenizer/, the embedded SmolLM2's
 #      tokenizer files without the weights (3.4 MB), and wheels/, the transformers wheel that
-#      requirements.txt pins (pure Python). The GPU machine gets only the repository (64 MiB at
-#      most), no model hub and no embedded model, so both must travel from here.
-#   2. Through the session's device tool, in the repository root on the GPU machine:
-#          run(command="bash gpu/check.sh", carry=["out/gpu-carry"], timeout_s=600)
+#      requirements.txt pins (pure Python), for a GPU machine with no model hub and no embedded
+#      model: copy the repository there with out/gpu-offline/ in it.
+#   2. On the GPU machine, in the repository root:
+#          bash gpu/check.sh
 #      Results land in $OUT (7 files: check.log, a-pytest.log, a-junit.xml, b-bench.log,
 #      b-bench.json, c-torchrun.log, summary.json); the summary is printed last. Without $OUT
 #      they go to gpu-results/. TRANSFORMERS=machine runs with the machine's own transformers
@@ -46,7 +46,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-CARRY=out/gpu-carry
+OFFLINE=out/gpu-offline
 SMOKE=${SMOKE:-}
 MODE=gpu
 case "${1:-}" in
@@ -60,13 +60,13 @@ PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 if [ "$MODE" = prepare ]; then
-  rm -rf "$CARRY" && mkdir -p "$CARRY/tokenizer" "$CARRY/wheels" || exit 1
-  "$PY" -c "from support import loading; loading.load_tokenizer().save_pretrained('$CARRY/tokenizer')" || exit 1
+  rm -rf "$OFFLINE" && mkdir -p "$OFFLINE/tokenizer" "$OFFLINE/wheels" || exit 1
+  "$PY" -c "from support import loading; loading.load_tokenizer().save_pretrained('$OFFLINE/tokenizer')" || exit 1
   version=$(sed -n 's/^transformers==//p' requirements.txt)
-  "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/wheels" "transformers==$version" || exit 1
-  git check-ignore -q "$CARRY" || echo "note: $CARRY is not ignored by git: it travels without carry, and could be committed"
-  du -sh "$CARRY"/*; du -sh "$CARRY"
-  echo "now: run(command=\"bash gpu/check.sh\", carry=[\"$CARRY\"], timeout_s=600)"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$OFFLINE/wheels" "transformers==$version" || exit 1
+  git check-ignore -q "$OFFLINE" || echo "note: $OFFLINE is not ignored by git: it could be committed"
+  du -sh "$OFFLINE"/*; du -sh "$OFFLINE"
+  echo "now: copy the repository with $OFFLINE to the GPU machine and run bash gpu/check.sh there"
   exit 0
 fi
 
@@ -100,16 +100,16 @@ part() {  # part NAME SECONDS LOG COMMAND...: runs COMMAND into LOG within SECON
 main() {  # everything below, its output also in $OUT/check.log
 # ------------------------------------------------------------------------------------------------
 echo "gpu/check.sh, mode $MODE, in $ROOT, results in $OUT, $(date -u +%FT%TZ)"
-if [ "$MODE" = gpu ] && [ "${TRANSFORMERS:-carried}" != machine ] && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
+if [ "$MODE" = gpu ] && [ "${TRANSFORMERS:-carried}" != machine ] && ls "$OFFLINE"/wheels/*.whl >/dev/null 2>&1; then
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-       "$CARRY"/wheels/*.whl && PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import transformers"; then
+       "$OFFLINE"/wheels/*.whl && PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import transformers"; then
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-    echo "using the carried $(cd "$CARRY/wheels" && ls *.whl) (TRANSFORMERS=machine: the machine's own)"
+    echo "using the carried $(cd "$OFFLINE/wheels" && ls *.whl) (TRANSFORMERS=machine: the machine's own)"
   else
-    echo "the carried $(cd "$CARRY/wheels" && ls *.whl) does not install or import here: the machine's transformers is used"
+    echo "the carried $(cd "$OFFLINE/wheels" && ls *.whl) does not install or import here: the machine's transformers is used"
   fi
 fi
-TOKENIZER=${QADAPTER_TOKENIZER:-$CARRY/tokenizer}
+TOKENIZER=${QADAPTER_TOKENIZER:-$OFFLINE/tokenizer}
 if [ ! -f "$TOKENIZER/tokenizer_config.json" ] && [ "$MODE" = smoke ]; then  # here the embedded model can give one
   TOKENIZER=$WORK/tokenizer
   "$PY" -c "from support import loading; loading.load_tokenizer().save_pretrained('$TOKENIZER')" >/dev/null
@@ -118,7 +118,7 @@ if [ -f "$TOKENIZER/tokenizer_config.json" ]; then
   export QADAPTER_TOKENIZER=$(cd "$TOKENIZER" && pwd)
 else
   unset QADAPTER_TOKENIZER
-  echo "no tokenizer folder at $TOKENIZER (bash gpu/check.sh --prepare, and carry $CARRY): tests that use the" \
+  echo "no tokenizer folder at $TOKENIZER (bash gpu/check.sh --prepare, and copy $OFFLINE along): tests that use the" \
        "embedded tokenizer skip, and (c) is not run"
 fi
 # as on the GPU machine: no embedded model (its weights stay behind; the tests that need them skip)
@@ -230,7 +230,7 @@ print("PROBE " + json.dumps(result))
 json.dump(result, open(f"{sys.argv[1]}/c-probe.json", "w"))
 EOF
 else
-  echo "(c) not run: no tokenizer folder (bash gpu/check.sh --prepare, and carry $CARRY)"
+  echo "(c) not run: no tokenizer folder (bash gpu/check.sh --prepare, and copy $OFFLINE along)"
 fi
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ wherever it is found (a flag, a data file, a checkpoint). `run(main)` is each sc
 it prints that one line to stderr and exits with code 2, the code of a usage error, the code
 argparse itself uses. A run that cannot go on raises `Stopped("error: ...")` instead: the same one
 line, exit code 1. Ctrl-C outside the training loop (which saves first, see train.py) exits with
-130 and no traceback. Output whose reader went away (`| head -1`, a `tee` that died, an SSH session
+130 and no traceback. Output whose reader went away (`| head -1`, a `tee` that died, an SSH connection
 that hung up) is dropped, and the script goes on (`survive_closed_output`).
 
     0    done

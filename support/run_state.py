@@ -147,9 +147,9 @@ STOP_CODES = {signal.SIGINT: cli.INTERRUPTED, signal.SIGTERM: cli.TERMINATED, si
 
 class StopSignals:
     """While active, SIGINT (Ctrl-C), SIGTERM (a scheduler's pre-emption, torchrun passing one on)
-    and SIGHUP (the SSH session or terminal went away) only set `code`; the training loop checks it
+    and SIGHUP (the SSH connection or terminal went away) only set `code`; the training loop checks it
     after each step, saves a checkpoint and exits with 130, 143 or 129. A second Ctrl-C or SIGTERM
-    stops at once (KeyboardInterrupt); a second hang-up does not (a dropped session may send two). A
+    stops at once (KeyboardInterrupt); a second hang-up does not (a dropped connection may send two). A
     signal the run was started ignoring stays ignored (`nohup` ignores SIGHUP; a script's `cmd &`, SIGINT),
     and after a hang-up, SIGHUP stays ignored while the run saves and exits (a terminal that goes away
     sends one, and the SSH daemon or the shell may send another)."""
