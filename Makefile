@@ -16,7 +16,7 @@ demo: .venv/installed  ## train on the embedded demo (SmolLM2-135M: answers a ch
 	$(PY) train.py --out-dir runs/demo --overwrite --samples 0 --epochs 3 --nll 1 --unlikelihood 3
 	$(PY) demo/show.py runs/demo --limit 48 --alpha0 0.08
 
-test: .venv/eval-installed  ## the test suite (about 4 to 5 min on 2 CPU cores)
+test: .venv/eval-installed  ## the test suite (about 5 min on 2 CPU cores, more when they are shared)
 	$(PY) -m pytest
 
 .PHONY: demo test
