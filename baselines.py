@@ -25,6 +25,7 @@ adapter_config.json (peft's format) + config.json ({"method": "dpo" | "sft", "ba
 The Q-head flags (--q-head, --head-*, --lora-rank, --lora-modules, --alpha0, --alpha-tilde, --gamma, --beta,
 --path, --cache-*) are ignored here; --nll is RPO's weight (DPO only); --unlikelihood is refused.
 """
+import contextlib
 import json
 import math
 import os
@@ -216,7 +217,7 @@ def save_checkpoint(out_dir, peft_model, progress, args):
     peft_model.save_pretrained(tmp, safe_serialization=True)
     meta = {"method": args.method, "base_model": args.base_model, **{k: getattr(args, k) for k in
             ("dpo_beta", "nll", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "cutoff", "max_prompt",
-             "lr", "epochs", "batch_size", "grad_accum", "seed", "data", "test_data", "split",
+             "lr", "epochs", "batch_size", "grad_accum", "seed", "data", "test_data", "split", "data_dir",
              "test_fraction", "split_seed")}, **progress}
     (tmp / loading.CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     if final.exists():
@@ -249,6 +250,24 @@ def load_checkpoint(directory, device="cpu", dtype=torch.float32, base=None, tru
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise SystemExit(f"error: {directory}: cannot load the LoRA adapter ({str(e).splitlines()[0]})")
     return peft_model.eval().requires_grad_(False), tokenizer, config
+
+
+@contextlib.contextmanager
+def scaled_update(peft_model, s):
+    """Within the block, every LoRA layer's weight is W + s·(α/r)·B·A instead of W + (α/r)·B·A:
+    the trained update scaled at decode time (s = 0: the frozen model, s = 1: as trained). It is
+    the LoRA baselines' twin of Q-Adapter's decode-time dial; nothing is retrained."""
+    from peft.tuners.lora import LoraLayer
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        for adapter in layer.active_adapters:
+            layer.set_scale(adapter, s)  # scaling[adapter] = s·α/r
+    try:
+        yield
+    finally:
+        for layer in layers:
+            for adapter in layer.active_adapters:
+                layer.set_scale(adapter, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,6 +36,10 @@ Forgot what it knew?
 A decode-time α0 sweep (`--alpha0 0.5 1 2 4`) sets α0 = α̃ = a: pi~ ∝ pi1·exp(Q_R / a), so a is the
 weight on the frozen model relative to the head, without changing pi1's temperature; a → ∞ is pi1.
 A head trained at α0 = α̃ = a (train.py's default: 0.1) is the trained policy at that a; other values are an extrapolation.
+Its twin for the LoRA baselines is `--lora-scale 0.25 0.5 1`: the trained update scaled at decode
+time, W + s·(α/r)·B·A (s = 0 is pi1, s = 1 as trained). Comparing the two curves, not two points,
+says whether one method reaches a style at lower KL. `--queries training` answers training prompts
+instead of held-out ones, so that a dial is picked without looking at the answers it is scored on.
 
     python evaluate.py --checkpoint runs/demo --checkpoint runs/demo-dpo --checkpoint runs/demo-sft \\
         --alpha0 0.5 1 2 4 --adherence --limit 50 --out results/demo --plot
@@ -52,6 +56,7 @@ against retention). --limit N takes the first N held-out pairs, KL sequences and
 evenly spaced questions of each benchmark task (MMLU is sorted by subject).
 """
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -161,34 +166,49 @@ class QAdapterPolicy(FrozenPolicy):
 
 
 class LoraPolicy(FrozenPolicy):
-    """A base model with an SFT or DPO LoRA adapter; pi1 is the same model with the adapter off."""
+    """A base model with an SFT or DPO LoRA adapter; pi1 is the same model with the adapter off.
+    At each decode-time scale s of `scales` the update is scaled, W + s·(α/r)·B·A
+    (baselines.scaled_update): one policy per s, the twin of Q-Adapter's α0 dial."""
 
-    def __init__(self, peft_model, config, name):
+    def __init__(self, peft_model, config, name, scales=None):
         self.peft_model, self.config, self.kind, self.name = peft_model, config, config["method"], name
         self.base = peft_model.get_base_model()
-        self.names = [name]
+        self.scales = list(scales or [1.0])
+        self.names = [name] if self.scales == [1.0] else [f"{name} s={s:g}" for s in self.scales]
+
+    def at_scale(self, s):
+        from baselines import scaled_update
+        return scaled_update(self.peft_model, s)
 
     def lm_policies(self):
         from support.lm_eval_model import CausalLMPolicy
-        return {"frozen": CausalLMPolicy(self.base, adapter_off=self.peft_model.disable_adapter),
-                self.name: CausalLMPolicy(self.base)}  # the base with its LoRA layers: pi
+        return {"frozen": CausalLMPolicy(self.base, setting=self.peft_model.disable_adapter),
+                **{name: CausalLMPolicy(self.base, setting=functools.partial(self.at_scale, s))  # the base with
+                   for s, name in zip(self.scales, self.names)}}                                  # its LoRA layers: pi
 
     def _score(self, ids, mask, states, labels):
-        logp = self.window_logp1(ids, mask, states)  # (B, W, V) with the adapter: pi
         with self.peft_model.disable_adapter():
-            logp1 = self.window_logp1(ids, mask, states)  # (B, W, V) without: pi1
-        token_logp, kl = token_stats(logp, logp1, labels)
+            logp1 = self.window_logp1(ids, mask, states)  # (B, W, V) without the adapter: pi1
         token_logp1, _ = token_stats(logp1, logp1, labels)
+        out = {"frozen": (token_logp1, torch.zeros_like(token_logp1), token_logp1.sum(-1))}
         beta = self.config.get("dpo_beta", 0.1)
-        return {"frozen": (token_logp1, torch.zeros_like(kl), token_logp1.sum(-1)),
-                self.name: (token_logp, kl, beta * (token_logp.sum(-1) - token_logp1.sum(-1)))}  # β·log pi/pi1
+        for s, name in zip(self.scales, self.names):
+            with self.at_scale(s):
+                logp = self.window_logp1(ids, mask, states)  # (B, W, V) with the (scaled) adapter: pi
+            token_logp, kl = token_stats(logp, logp1, labels)
+            out[name] = (token_logp, kl, beta * (token_logp.sum(-1) - token_logp1.sum(-1)))  # β·log pi/pi1
+        return out
 
     def generate(self, tokenizer, conversations, max_new_tokens, batch_size):
         from baselines import hf_generate
-        answers = []
-        for i in tqdm(range(0, len(conversations), batch_size), desc=self.name, leave=False):
-            answers += hf_generate(self.peft_model, tokenizer, conversations[i:i + batch_size], max_new_tokens)
-        return {self.name: answers}
+        answers = {}
+        for s, name in zip(self.scales, self.names):
+            answers[name] = []
+            with self.at_scale(s):
+                for i in tqdm(range(0, len(conversations), batch_size), desc=name, leave=False):
+                    answers[name] += hf_generate(self.peft_model, tokenizer, conversations[i:i + batch_size],
+                                                 max_new_tokens)
+        return answers
 
 
 def frozen_generate(policy, tokenizer, conversations, max_new_tokens, batch_size):
@@ -206,10 +226,10 @@ def frozen_generate(policy, tokenizer, conversations, max_new_tokens, batch_size
     return answers
 
 
-def policy_to_evaluate(path, alphas, device, dtype, trust_remote_code=False):
+def policy_to_evaluate(path, alphas, device, dtype, trust_remote_code=False, scales=None):
     """A train.py or baselines.py output directory (told apart by config.json's "method"), as a
-    policy this script scores: Q-Adapter's loaded by support/loading.load_policy, DPO's and SFT's by
-    baselines.load_checkpoint. Returns (policy, tokenizer)."""
+    policy this script scores: Q-Adapter's loaded by support/loading.load_policy (at each α0 of
+    alphas), DPO's and SFT's by baselines.load_checkpoint (at each scale of scales). Returns (policy, tokenizer)."""
     path = Path(path)
     ckpt = path / "checkpoint" if (path / "checkpoint" / loading.CONFIG_FILE).exists() else path
     if not (ckpt / loading.CONFIG_FILE).exists():
@@ -222,7 +242,7 @@ def policy_to_evaluate(path, alphas, device, dtype, trust_remote_code=False):
     if "method" in config:
         from baselines import load_checkpoint
         peft_model, tok, config = load_checkpoint(ckpt, device, dtype, trust_remote_code=trust_remote_code)
-        return LoraPolicy(peft_model, config, name), tok
+        return LoraPolicy(peft_model, config, name, scales), tok
     adapter, tok, config = loading.load_policy(ckpt, device, dtype, trust_remote_code=trust_remote_code)
     adapter.head.eval()
     pairs = [(a, a) for a in alphas] if alphas else [(config["alpha0"], config["alpha_tilde"])]
@@ -238,20 +258,22 @@ def adherence_prompts_and_scorer(args, config):
 
     child: the demo's rule-based scorer (demo/child.py). judge: judge.py's classifier of the DSP
     style, fitted on the training queries of the checkpoint's split, so the held-out queries answered
-    here are unseen by it; 'adherence' is the share judged in style, 'mean_prob' its mean probability,
+    here are unseen by it (--queries training: the training queries instead, to pick a dial on them);
+    'adherence' is the share judged in style, 'mean_prob' its mean probability,
     'degenerate' the share of looping answers (demo.child.is_degenerate)."""
-    limit = args.gen_limit or None
+    limit, training = args.gen_limit or None, args.queries == "training"
     if args.scorer != "judge":
-        pairs = held_out_pairs(args.prompts or str(HERE / "demo" / "child_test.jsonl"), {}, 0)
+        default = HERE / "demo" / ("child_train.jsonl" if training else "child_test.jsonl")
+        pairs = held_out_pairs(args.prompts or str(default), {}, 0)
         return distinct_prompts(pairs)[:limit], importlib.import_module(f"demo.{args.scorer}").adherence
     import judge as style_judge
     from demo.child import is_degenerate
     source = args.judge_data or config.get("data")
     if not source:
         raise SystemExit("error: --scorer judge: give --judge-data FILE (the checkpoint names no --data)")
-    style, _, test = style_judge.for_data(source, config.get("test_fraction", 0.2),
-                                          config.get("split_seed", config.get("seed", 0)))
-    pairs = held_out_pairs(args.prompts, {}, 0) if args.prompts else test
+    style, train, test = style_judge.for_data(source, config.get("test_fraction", 0.2),
+                                              config.get("split_seed", config.get("seed", 0)))
+    pairs = held_out_pairs(args.prompts, {}, 0) if args.prompts else train if training else test
 
     def score(texts, finished):
         return {**style.adherence(texts), "degenerate": sum(map(is_degenerate, texts)) / max(len(texts), 1)}
@@ -500,7 +522,8 @@ def markdown_table(results):
 
 def plot_tradeoff(results, path, preference_key):
     """Preference (y) against retention (x): benchmark accuracy under the policy, and KL to pi1.
-    Q-Adapter's α0 sweep is a line, DPO / SFT are points, the frozen model is the reference."""
+    Q-Adapter's α0 sweep is a line, as is a LoRA baseline's --lora-scale sweep; single policies are
+    points, the frozen model is the reference."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -523,8 +546,9 @@ def plot_tradeoff(results, path, preference_key):
         for name, r in results.items():
             if r.get(key) is None or r.get(preference_key) is None:
                 continue
+            dial = ("α0", r["alpha0"]) if r.get("alpha0") is not None else ("s", r.get("lora_scale") or 0)
             groups.setdefault((r["kind"], r.get("run")), []).append(
-                (r.get("alpha0") or 0, r[key], r[preference_key], name,
+                (dial, r[key], r[preference_key], name,
                  r.get(f"{key}_std", 0.0), r.get(f"{preference_key}_std", 0.0)))  # spread over seeds (--combine)
         runs_of_kind = {}
         for (kind, run), points in groups.items():
@@ -536,13 +560,13 @@ def plot_tradeoff(results, path, preference_key):
             xs, ys = [p[1] for p in points], [p[2] for p in points]
             ax.plot(xs, ys, marker=marker, color=color, linestyle="-" if len(points) > 1 else "",
                     markersize=12 if kind == "frozen" else 7, label=points[0][3] if len(points) == 1 else
-                    f"{points[0][3].split(' α0=')[0]} (α0 sweep)")
+                    f"{points[0][3].split(' ')[0]} ({points[0][0][0]} sweep)")
             if any(p[4] or p[5] for p in points):
                 ax.errorbar(xs, ys, xerr=[p[4] for p in points], yerr=[p[5] for p in points], fmt="none",
                             ecolor=color, alpha=0.5, capsize=3)
             if len(points) > 1:
-                for a0, x, y, *_ in points:
-                    ax.annotate(f"α0={a0:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                for (dial, value), x, y, *_ in points:
+                    ax.annotate(f"{dial}={value:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel({"kl": "KL(π‖π1) per token (lower: closer to frozen)"}.get(key, f"{key} under the policy"))
         if key == "kl":  # from 1e-4 to 1: logarithmic past 1e-3, linear below it (the frozen model is at 0)
             ax.set_xscale("symlog", linthresh=1e-3)
@@ -573,6 +597,9 @@ def build_parser():
     ap.add_argument("--alpha0", type=float, nargs="+", default=None,
                     help="decode-time α0 values for Q-Adapter checkpoints, each with α̃ = α0 (pi~ ∝ pi1·exp(Q_R/α0)); "
                          "default: the trained α0 and α̃")
+    ap.add_argument("--lora-scale", type=float, nargs="+", default=None, metavar="S",
+                    help="decode-time scales s for DPO/SFT checkpoints, the twin of --alpha0: the LoRA update "
+                         "scaled, W + s·(α/r)·B·A (0: the frozen model; default: 1, as trained)")
     ap.add_argument("--pairs", default=None,
                     help="held-out preference pairs (default: each checkpoint's own test data or split)")
     ap.add_argument("--kl-data", default=str(HERE / "demo" / "child_test.jsonl"),
@@ -604,6 +631,10 @@ def build_parser():
     ap.add_argument("--prompts", default=None,
                     help="prompts for --adherence: a preference .jsonl (its distinct prompts; default: the demo's "
                          "held-out prompts, or with --scorer judge the first checkpoint's held-out queries)")
+    ap.add_argument("--queries", default="held-out", choices=["held-out", "training"],
+                    help="whose prompts --adherence answers when --prompts is not given: the held-out ones, or the "
+                         "training ones, to pick a decode-time --alpha0 / --lora-scale without looking at the answers "
+                         "it is then scored on")
     ap.add_argument("--limit", type=int, default=0,
                     help="at most N pairs, KL sequences and prompts, N questions per benchmark task (0: all)")
     ap.add_argument("--mc-limit", type=int, default=None,
@@ -641,6 +672,8 @@ def parse_args(argv=None):
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")
     if args.alpha0 and any(a <= 0 for a in args.alpha0):
         raise SystemExit(f"error: --alpha0 values must be positive, got {args.alpha0}")
+    if args.lora_scale and any(s < 0 for s in args.lora_scale):
+        raise SystemExit(f"error: --lora-scale values must be 0 or more, got {args.lora_scale}")
     args.mc_limit = args.limit if args.mc_limit is None else args.mc_limit
     args.gen_limit = args.limit if args.gen_limit is None else args.gen_limit
     args.task_names, args.task_files = task_names(args)
@@ -679,12 +712,16 @@ def combine(paths):
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"error: --combine {path}: not an evaluate.py output ({e})")
         for name, row in results.items():  # "RUN-s1" (its trained α0) and "RUN-s0 α0=0.1" are one group
-            key = re.sub(r"-s\d+$", "", name.split(" α0=")[0])
-            groups.setdefault(key if row.get("alpha0") is None else f"{key} α0={row['alpha0']:g}", []).append(row)
+            key = re.sub(r"-s\d+$", "", name.split(" ")[0])
+            if row.get("alpha0") is not None:
+                key += f" α0={row['alpha0']:g}"
+            elif row.get("lora_scale") is not None:
+                key += f" s={row['lora_scale']:g}"
+            groups.setdefault(key, []).append(row)
     combined = {}
     for name, rows in groups.items():
-        out = {k: rows[0][k] for k in ("kind", "alpha0", "alpha_tilde") if k in rows[0]}
-        out.update(run=name.split(" α0=")[0], seeds=len(rows))  # one run's α0 values are one line in the plot
+        out = {k: rows[0][k] for k in ("kind", "alpha0", "alpha_tilde", "lora_scale") if k in rows[0]}
+        out.update(run=name.split(" ")[0], seeds=len(rows))  # one run's α0 (or s) values are one line in the plot
         numbers = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and not k.endswith(("_stderr", "/n")) and k not in out and k not in ("n", "pairs")]
         for k in numbers:
@@ -730,7 +767,7 @@ def main(argv=None):
 
     results, frozen_done = {}, False
     for run in args.checkpoint:
-        policy, tok = policy_to_evaluate(run, args.alpha0, device, dtype, args.trust_remote_code)
+        policy, tok = policy_to_evaluate(run, args.alpha0, device, dtype, args.trust_remote_code, args.lora_scale)
         cutoff = args.cutoff or policy.config.get("cutoff", 256)
         names = policy.names + ([] if frozen_done else ["frozen"])
         rows = {n: {"kind": "frozen" if n == "frozen" else policy.kind, "run": None if n == "frozen" else run}
@@ -738,6 +775,9 @@ def main(argv=None):
         if isinstance(policy, QAdapterPolicy):
             for (a0, at), n in zip(policy.alphas, policy.names):
                 rows[n].update(alpha0=a0, alpha_tilde=at)
+        if isinstance(policy, LoraPolicy) and policy.scales != [1.0]:
+            for s, n in zip(policy.scales, policy.names):
+                rows[n].update(lora_scale=s)
         rows[policy.names[0]]["s_per_pair"] = time_per_pair(run)
         if len(policy.names) > 1:
             for n in policy.names[1:]:

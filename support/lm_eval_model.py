@@ -6,7 +6,7 @@ KV-cached decoding step:
 
   CausalLMPolicy(model)               pi1, a Hugging Face causal LM as it is (the frozen model), or a
                                       peft model's base with its LoRA adapter on (DPO / SFT baselines);
-                                      adapter_off=peft_model.disable_adapter scores pi1 of that model
+                                      setting=peft_model.disable_adapter scores pi1 of that model
   CustomisedPolicy(adapter, α0, α̃)    pi~ = softmax((Q_R + α0·log pi1) / α̃) of a model.QAdapter: one
                                       head, a stacked chain or a weighted composition (never the head alone)
   Sweep({name: CustomisedPolicy})     several pi~ of one adapter from one forward pass (an α0 sweep):
@@ -57,15 +57,15 @@ DATA_ENV = "QADAPTER_RETENTION_DATA"
 
 class CausalLMPolicy:
     """A Hugging Face causal LM's own softmax: pi1 for the frozen model; for a peft model's base
-    (peft_model.get_base_model()) the policy with its LoRA adapter, or pi1 with adapter_off=
-    peft_model.disable_adapter."""
+    (peft_model.get_base_model()) the policy with its LoRA adapter, or pi1 with setting=
+    peft_model.disable_adapter: setting() is a context the forward passes run in."""
 
-    def __init__(self, model, adapter_off=None):
-        self.model, self.adapter_off = model, adapter_off or contextlib.nullcontext
+    def __init__(self, model, setting=None):
+        self.model, self.setting = model, setting or contextlib.nullcontext
 
     def logp(self, ids, mask, states):
         """ids, mask: (B, T) right-padded; states: (B, W) -> log pi(·|s): (B, W, V) float32."""
-        with self.adapter_off():
+        with self.setting():
             hidden, _ = run_decoder(self.model.get_decoder(), None, input_ids=ids, attention_mask=mask,
                                     position_ids=positions(mask))  # (B, T, D)
             logits = self.model.get_output_embeddings()(pick(hidden, states)).float()  # (B, W, V)
@@ -76,7 +76,7 @@ class CausalLMPolicy:
 
     def step(self, ids, mask, position_ids, cache):
         """ids: (B, t) the tokens not yet in the cache -> logits at the newest position (B, V), cache."""
-        with self.adapter_off():
+        with self.setting():
             hidden, cache = run_decoder(self.model.get_decoder(), cache, input_ids=ids, attention_mask=mask,
                                         position_ids=position_ids)  # (B, t, D)
             return self.model.get_output_embeddings()(hidden[:, -1]).float(), cache

@@ -89,6 +89,45 @@ def test_reference_is_the_base_with_the_adapter_disabled(tokenizer, tiny_path):
     assert (policy - ref).abs().max() > 1e-4
 
 
+def lora_with_random_update(tiny_path, seed=0):
+    """A DPO LoRA model on the tiny base whose B matrices are random (at init they are 0)."""
+    base, _ = loading.load_base(tiny_path)
+    args = baselines.parse_args(["--method", "dpo", "--base-model", tiny_path, "--lora-targets", "q_proj,v_proj"])
+    peft_model = baselines.lora_model(base, args).eval()
+    torch.manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return peft_model
+
+
+def test_scaled_update_is_w_plus_s_times_the_lora_update(tiny_path):
+    """Inside scaled_update(s) every LoRA layer computes x·(W + s·(α/r)·B·A)ᵀ, written here by hand;
+    s = 0 is the frozen model, s = 1 the trained one, and the scale comes back on leaving."""
+    from peft.tuners.lora import LoraLayer
+    peft_model = lora_with_random_update(tiny_path)
+    layer = next(m for m in peft_model.modules() if isinstance(m, LoraLayer))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
+    scaling = layer.lora_alpha["default"] / layer.r["default"]
+    x = torch.randn(3, A.shape[1])
+    with torch.no_grad():
+        for s in (0.0, 0.5, 1.0, 2.0):
+            with baselines.scaled_update(peft_model, s):
+                out = layer(x)
+            expected = x @ (layer.base_layer.weight + s * scaling * B @ A).T
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert layer.scaling["default"] == scaling
+        ids = torch.tensor([[1, 5, 9, 14, 3]])
+        with peft_model.disable_adapter():
+            frozen = peft_model(input_ids=ids).logits
+        with baselines.scaled_update(peft_model, 0.0):
+            torch.testing.assert_close(peft_model(input_ids=ids).logits, frozen)
+        trained = peft_model(input_ids=ids).logits
+        with baselines.scaled_update(peft_model, 1.0):
+            torch.testing.assert_close(peft_model(input_ids=ids).logits, trained)
+        assert (trained - frozen).abs().max() > 1e-3
+
+
 def test_sft_step_raises_the_likelihood_of_the_chosen_answers_only(tokenizer, tiny_path):
     base, _ = loading.load_base(tiny_path)
     batch = hand_batch(tokenizer)

@@ -134,6 +134,28 @@ def test_lora_policy_at_init_is_the_frozen_model(tokenizer, tiny_path, files):
     assert E.pairwise(policy, tokenizer, pairs, 64, 4)["dpo"]["margin"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_a_lora_scale_sweep_runs_from_the_frozen_model_to_the_trained_one(tokenizer, tiny_path, files):
+    """--lora-scale: s = 0 scores as the frozen model, s = 1 as the unscaled policy, and the KL grows with s."""
+    from tests.test_baselines import lora_with_random_update
+    pairs = E.held_out_pairs(files["pairs"], {}, 0)
+    peft_model = lora_with_random_update(tiny_path)
+    config = {"method": "dpo", "dpo_beta": 0.1}
+    swept = E.LoraPolicy(peft_model, config, "dpo", scales=[0.0, 0.5, 1.0])
+    assert swept.names == ["dpo s=0", "dpo s=0.5", "dpo s=1"]
+    kl, pw = E.kl_to_frozen(swept, tokenizer, pairs, 64, 4), E.pairwise(swept, tokenizer, pairs, 64, 4)
+    plain = E.LoraPolicy(peft_model, config, "dpo")
+    kl_plain, pw_plain = E.kl_to_frozen(plain, tokenizer, pairs, 64, 4), E.pairwise(plain, tokenizer, pairs, 64, 4)
+    assert kl["dpo s=0"]["kl"] == pytest.approx(0.0, abs=1e-6) and pw["dpo s=0"]["margin"] == pytest.approx(0, abs=1e-5)
+    assert pw["dpo s=0"]["likelihood_accuracy"] == pw["frozen"]["likelihood_accuracy"]
+    assert kl["dpo s=1"]["kl"] == pytest.approx(kl_plain["dpo"]["kl"], rel=1e-5)
+    assert pw["dpo s=1"]["margin"] == pytest.approx(pw_plain["dpo"]["margin"], rel=1e-5)
+    assert 0 < kl["dpo s=0.5"]["kl"] < kl["dpo s=1"]["kl"]
+    mc = arc_and_mmlu(files).score(swept, tokenizer, {"dpo s=0", "frozen"}, 4)
+    assert mc["dpo s=0"]["arc_easy_local/acc"] == mc["frozen"]["arc_easy_local/acc"]
+    answers = swept.generate(tokenizer, [p.prompt for p in pairs[:2]], 3, 2)
+    assert answers["dpo s=0"] == E.frozen_generate(swept, tokenizer, [p.prompt for p in pairs[:2]], 3, 2)
+
+
 def test_end_to_end_over_both_kinds_of_checkpoint(tokenizer, tiny_path, files, tmp_path):
     tiny_q_adapter_run(tokenizer, tiny_path, files, tmp_path / "qa")
     write_jsonl(tmp_path / "qa" / "metrics.jsonl", [{"step": 1, "pairs_per_s": 4.0}, {"step": 2, "pairs_per_s": 2.0}])
@@ -277,6 +299,10 @@ def test_judge_scorer_answers_the_held_out_queries_and_scores_style_and_loops(to
     prompts, score = E.adherence_prompts_and_scorer(args, config)
     held_out = E.distinct_prompts(data.split_by_prompt(data.load_pairs(dsp), 0.25, 0)[1])
     assert prompts == held_out and len(prompts) == 4  # 4 of 16 queries, each once though each is in 2 pairs
+    training = E.parse_args(["--checkpoint", "x", "--adherence", "--scorer", "judge", "--queries", "training"])
+    train_prompts, _ = E.adherence_prompts_and_scorer(training, config)
+    assert train_prompts == E.distinct_prompts(data.split_by_prompt(data.load_pairs(dsp), 0.25, 0)[0])
+    assert len(train_prompts) == 12 and not set(map(str, train_prompts)) & set(map(str, held_out))
     loop = "the sea the sea the sea " * 6
     result = score([formal("sand"), pirate("sand"), loop], [True, True, False])
     assert result["adherence"] == pytest.approx(1 / 3) and result["degenerate"] == pytest.approx(1 / 3)
@@ -303,13 +329,16 @@ def test_combine_groups_seeds_into_mean_and_std(tmp_path):
                            "arc_easy_local/acc_stderr": 0.05, "arc_easy_local/n": 10},
                 f"qa-s{seed}" + (" α0=0.1" if seed == 0 else ""): {"kind": "q-adapter", "run": f"runs/qa-s{seed}", "alpha0": 0.1, "alpha_tilde": 0.1,
                                        "adherence": adherence, "kl": kl, "arc_easy_local/acc": 0.5, "n": 32},
-                f"dpo-s{seed}": {"kind": "dpo", "run": f"runs/dpo-s{seed}", "adherence": adherence / 2, "kl": 2 * kl}}
+                f"dpo-s{seed}": {"kind": "dpo", "run": f"runs/dpo-s{seed}", "adherence": adherence / 2, "kl": 2 * kl},
+                f"dpo-s{seed} s=0.5": {"kind": "dpo", "run": f"runs/dpo-s{seed}", "lora_scale": 0.5, "kl": kl}}
         path = tmp_path / f"s{seed}.json"
         path.write_text(json.dumps({"settings": {"seed": seed}, "results": rows}))
         return str(path)
     files = [out(0, 0.4, 0.1), out(1, 0.6, 0.3), out(2, 0.8, 0.2)]
     combined = E.combine(files)
-    assert list(combined) == ["frozen", "qa α0=0.1", "dpo"]
+    assert list(combined) == ["frozen", "qa α0=0.1", "dpo", "dpo s=0.5"]
+    assert combined["dpo s=0.5"]["kl"] == pytest.approx(0.2) and combined["dpo s=0.5"]["lora_scale"] == 0.5
+    assert combined["dpo s=0.5"]["run"] == combined["dpo"]["run"] == "dpo"  # one line in the plot
     qa = combined["qa α0=0.1"]
     assert qa["adherence"] == pytest.approx(0.6) and qa["adherence_std"] == pytest.approx(0.2)
     assert qa["kl"] == pytest.approx(0.2) and qa["kl_std"] == pytest.approx(0.1)

@@ -197,7 +197,7 @@ def test_our_tasks_read_the_local_files_with_lm_evals_prompts(tmp_path, monkeypa
 
 
 def test_a_lora_policy_and_its_frozen_model(base, tokenizer, tiny_path):
-    """The base with its LoRA adapter is the policy; adapter_off scores pi1 through the same model."""
+    """The base with its LoRA adapter is the policy; setting=disable_adapter scores pi1 through the same model."""
     import baselines
     from support import loading
     lora_base, _ = loading.load_base(tiny_path)
