@@ -262,6 +262,11 @@ def adherence_prompts_and_scorer(args, config):
     'adherence' is the share judged in style, 'mean_prob' its mean probability,
     'degenerate' the share of looping answers (demo.child.is_degenerate)."""
     limit, training = args.gen_limit or None, args.queries == "training"
+    if args.scorer == "none":
+        from demo.child import is_degenerate
+        pairs = held_out_pairs(args.prompts, config, 0)
+        return distinct_prompts(pairs)[:limit], lambda texts, finished: {
+            "degenerate": sum(map(is_degenerate, texts)) / max(len(texts), 1), "n": len(texts)}
     if args.scorer != "judge":
         default = HERE / "demo" / ("child_train.jsonl" if training else "child_test.jsonl")
         pairs = held_out_pairs(args.prompts or str(default), {}, 0)
@@ -622,9 +627,10 @@ def build_parser():
                          "lm-eval's mmlu")
     ap.add_argument("--adherence", action="store_true",
                     help="generate greedy answers to --prompts and score them with --scorer")
-    ap.add_argument("--scorer", default="child", choices=["child", "judge"],
-                    help="what --adherence scores: demo/child.py (the demo's preference) or "
-                         "judge.py's style classifier fitted on the training queries of --judge-data (DSP)")
+    ap.add_argument("--scorer", default="child", choices=["child", "judge", "none"],
+                    help="what --adherence scores: demo/child.py (the demo's preference), "
+                         "judge.py's style classifier fitted on the training queries of --judge-data (DSP), or "
+                         "none: only the answers (to the checkpoint's held-out prompts) and the share that loop")
     ap.add_argument("--judge-data", default=None,
                     help="--scorer judge: the preference file the judge learns the style from (default: the first "
                          "checkpoint's --data), split as that checkpoint split it")
@@ -672,6 +678,8 @@ def parse_args(argv=None):
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")
     if args.alpha0 and any(a <= 0 for a in args.alpha0):
         raise SystemExit(f"error: --alpha0 values must be positive, got {args.alpha0}")
+    if args.queries == "training" and args.scorer == "none":
+        raise SystemExit("error: --queries training is for picking a dial by a score: give --scorer child or judge")
     if args.lora_scale and any(s < 0 for s in args.lora_scale):
         raise SystemExit(f"error: --lora-scale values must be 0 or more, got {args.lora_scale}")
     args.mc_limit = args.limit if args.mc_limit is None else args.mc_limit

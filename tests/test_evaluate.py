@@ -323,6 +323,20 @@ def test_judge_scorer_answers_the_held_out_queries_and_scores_style_and_loops(to
 
 
 
+def test_scorer_none_answers_the_held_out_prompts_and_counts_loops_only(tokenizer, tiny_path, files, tmp_path):
+    """--scorer none (a preference no scorer can judge, e.g. harmlessness): the answers to the
+    checkpoint's held-out prompts and the share that loop, no adherence column."""
+    run = tiny_q_adapter_run(tokenizer, tiny_path, files, tmp_path / "qa")
+    results = E.main(["--checkpoint", run, "--adherence", "--scorer", "none", "--gen-limit", "2", "--limit", "2",
+                      "--kl-data", "", "--max-new-tokens", "3", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    held_out = E.distinct_prompts(E.held_out_pairs(files["pairs"], {}, 0))[:2]
+    for name in ("frozen", "qa"):
+        assert [a["prompt"] for a in results[name]["answers"]] == [p[-1]["content"] for p in held_out]
+        assert "degenerate" in results[name] and "adherence" not in results[name]
+    with pytest.raises(SystemExit, match="--queries training is for picking a dial by a score"):
+        E.parse_args(["--checkpoint", "x", "--adherence", "--scorer", "none", "--queries", "training"])
+
+
 def test_combine_groups_seeds_into_mean_and_std(tmp_path):
     def out(seed, adherence, kl):
         rows = {"frozen": {"kind": "frozen", "run": None, "adherence": 0.1, "kl": 0.0, "arc_easy_local/acc": 0.5,
