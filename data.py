@@ -1,4 +1,4 @@
-"""Preference data: what a batch holds, and how pairs of chat messages become one.
+r"""Preference data: what a batch holds, and how pairs of chat messages become one.
 
 The data contract, from a preference pair to a batch the loss can read:
 
@@ -24,12 +24,16 @@ The data contract, from a preference pair to a batch the loss can read:
        padding: input_ids = pad_id, attention_mask = 0, labels = IGNORE.
 
 4. Files. `load_pairs(source)` reads a local .jsonl / .json / .parquet file or a hub data set
-   (support/data_files.py) and keeps the rows `to_pair` accepts, in the formats TRL accepts:
+   (support/data_files.py; `split` and `data_dir` choose the part of a hub data set) and keeps the
+   rows `to_pair` accepts, in the formats TRL accepts:
      conversational, implicit prompt: {"chosen": [msgs..., assistant], "rejected": [msgs..., assistant]}
          the prompt is chosen[:-1], which must equal rejected[:-1];
      explicit prompt: {"prompt": str | [msgs], "chosen": str | [msgs], "rejected": str | [msgs]}
          a string prompt is one user message; a message-list response gives its last
-         (assistant) message.
+         (assistant) message;
+     transcripts, as Anthropic/hh-rlhf publishes them: {"chosen": str, "rejected": str}, each a whole
+         conversation "\n\nHuman: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant: answer";
+         `transcript_messages` turns each into messages, then it is the implicit-prompt case.
    A message is {"role": "system" | "user" | "assistant", "content": str}. Responses are stripped
    of surrounding whitespace: the template marks where they start and end, and a leading space or
    newline would merge with the template's own newline into one token. An unusable row raises
@@ -37,6 +41,7 @@ The data contract, from a preference pair to a batch the loss can read:
 """
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -174,9 +179,11 @@ class Skip(Exception):
 
 
 def to_pair(row: dict) -> tuple[list[dict], str, str]:
-    """(prompt messages, chosen text, rejected text), or Skip(reason)."""
+    """(prompt messages, chosen text, rejected text), or Skip(reason); the formats: section 4 above."""
     if "chosen" not in row or "rejected" not in row:
         raise Skip("missing field")
+    if row.get("prompt") is None and isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
+        row = {"chosen": transcript_messages(row["chosen"]), "rejected": transcript_messages(row["rejected"])}
     if row.get("prompt") is None:  # implicit prompt: the conversation before the last message
         chosen, rejected = _messages(row["chosen"]), _messages(row["rejected"])
         if chosen[:-1] != rejected[:-1]:
@@ -193,6 +200,22 @@ def to_pair(row: dict) -> tuple[list[dict], str, str]:
     if chosen_text == rejected_text:
         raise Skip("chosen == rejected")
     return prompt, chosen_text, rejected_text
+
+
+TURN = re.compile(r"\n\n(Human|Assistant):(?: |\Z)")  # a turn starts a paragraph; "Human:" inside one is text
+ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def transcript_messages(text: str) -> list[dict]:
+    r"""A transcript as messages: "\n\nHuman: q\n\nAssistant: a ..." -> [{"role": "user",
+    "content": "q"}, {"role": "assistant", "content": "a"}, ...], each content stripped. Only
+    "\n\nHuman: " and "\n\nAssistant: " start a turn (the first may lack its "\n\n", a last empty
+    one its space). Roles are not checked here: to_pair checks them as for any message list.
+    No turn, or text before the first one: Skip("not a transcript")."""
+    before, *turns = TURN.split("\n\n" + text.lstrip())  # [before, role, content, role, content, ...]
+    if not turns or before.strip():
+        raise Skip("not a transcript")
+    return [{"role": ROLES[role], "content": content.strip()} for role, content in zip(turns[::2], turns[1::2])]
 
 
 def _messages(value):
@@ -228,10 +251,11 @@ def _response(value):
     return last["content"].strip()
 
 
-def load_pairs(source: str, split: str = "train") -> list[Pair]:
-    """Every usable preference pair of a file or data set; prints one summary line."""
-    rows = read_rows(source, split)
-    name = label(source, split)
+def load_pairs(source: str, split: str = "train", data_dir: str | None = None) -> list[Pair]:
+    """Every usable preference pair of a file or data set; prints one summary line. `split` and
+    `data_dir` (the folder inside a hub data set's repository) are ignored for a local file."""
+    rows = read_rows(source, split, data_dir)
+    name = label(source, split, data_dir)
     if not any("chosen" in row or "rejected" in row for _, row in rows):
         where, row = rows[0]
         raise DataError(f"{name}: no 'chosen'/'rejected' fields (first row at {where} has keys {sorted(row)})")
@@ -272,26 +296,26 @@ def split_by_prompt(pairs: list[Pair], test_fraction: float, seed: int) -> tuple
 def held_out_of(config: dict) -> list[Pair]:
     """The held-out pairs of a saved run (its config.json): its --test-data, or the split of its
     --data that train.py made (a run saved before --split-seed existed split with its --seed)."""
-    split = config.get("split", "train")
+    split, data_dir = config.get("split", "train"), config.get("data_dir")
     if config.get("test_data"):
-        return load_pairs(config["test_data"], split)
-    _, test = split_by_prompt(load_pairs(config["data"], split), config.get("test_fraction", 0.2),
+        return load_pairs(config["test_data"], split, data_dir)
+    _, test = split_by_prompt(load_pairs(config["data"], split, data_dir), config.get("test_fraction", 0.2),
                               config.get("split_seed", config.get("seed", 0)))
     return test
 
 
 def train_and_test_sets(args, tok):
     """train.py's data: (train set, test set, test pairs) from --data, --test-data (or a split of
-    --data by prompt), --train-limit, --eval-limit, --cutoff, --max-prompt. A bad file is a
-    one-line error (SystemExit)."""
+    --data by prompt; both read with --split and --data-dir), --train-limit, --eval-limit, --cutoff,
+    --max-prompt. A bad file is a one-line error (SystemExit)."""
     try:
-        train_pairs = load_pairs(args.data, args.split)
+        train_pairs = load_pairs(args.data, args.split, args.data_dir)
         if args.test_data:
-            test_pairs = load_pairs(args.test_data, args.split)
+            test_pairs = load_pairs(args.test_data, args.split, args.data_dir)
         else:
             train_pairs, test_pairs = split_by_prompt(train_pairs, args.test_fraction, args.split_seed)
             if not test_pairs:
-                raise DataError(f"{label(args.data, args.split)}: every pair has the same prompt, so "
+                raise DataError(f"{label(args.data, args.split, args.data_dir)}: every pair has the same prompt, so "
                                      f"splitting by prompt leaves no test pairs: give --test-data FILE")
         train_pairs, test_pairs = train_pairs[:args.train_limit or None], test_pairs[:args.eval_limit or None]
         train_set = PairDataset(tok, train_pairs, args.cutoff, args.max_prompt)

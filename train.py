@@ -146,6 +146,9 @@ def build_parser(description=__doc__):
                         "(repeatable, bottom up, to name them explicitly)")
     a = ap.add_argument_group("more data options")
     a.add_argument("--split", default="train", help="split of a hub data set")
+    a.add_argument("--data-dir", default=None,
+                   help="hub data sets: the folder inside the repository, e.g. harmless-base for Anthropic/hh-rlhf "
+                        "(read like --split: for --data and --test-data; a local file ignores both)")
     a.add_argument("--test-fraction", type=float, default=0.2, help="share of prompts held out when splitting")
     a.add_argument("--split-seed", type=int, default=0,
                    help="seed of the split by prompt; kept apart from --seed so that runs with different seeds are "

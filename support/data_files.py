@@ -1,9 +1,10 @@
 """Reading preference data into rows: local .jsonl / .json / .parquet files and hub data sets.
 
 `read_rows(source)` returns (where, row) pairs; `where` names the row for messages: "pairs.jsonl:17"
-(jsonl line, 1-based), "pairs.json:[3]" (list index), "x.parquet:row 5", "name[train]:row 5"
-(row index, 0-based). A file that cannot be read raises DataError, one line naming the file (and
-line) at fault. What a row must hold is data.py's business (data.to_pair).
+(jsonl line, 1-based), "pairs.json:[3]" (list index), "x.parquet:row 5", "name[train]:row 5" or,
+with a data_dir, "name/harmless-base[train]:row 5" (row index, 0-based). A file that cannot be read
+raises DataError, one line naming the file (and line) at fault. What a row must hold is data.py's
+business (data.to_pair).
 """
 import json
 from pathlib import Path
@@ -15,11 +16,12 @@ class DataError(Exception):
     """A one-line, user-facing message naming the file (and line or field) at fault."""
 
 
-def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
-    """(where, row) for every row of a local .jsonl / .json / .parquet file or a hub data set
-    (`split` is used for hub data sets only)."""
+def read_rows(source: str, split: str = "train", data_dir: str | None = None) -> list[tuple[str, dict]]:
+    """(where, row) for every row of a local .jsonl / .json / .parquet file or a hub data set.
+    `split` and `data_dir` (the folder inside the data set's repository, e.g. "harmless-base" for
+    Anthropic/hh-rlhf) are used for hub data sets only; a local file ignores them."""
     path = Path(source)
-    name = label(source, split)
+    name = label(source, split, data_dir)
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
             raise DataError(f"{source}: no such file")
@@ -27,16 +29,19 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
     elif path.is_file():
         raise DataError(f"{source}: unknown file type (expected {', '.join(FILE_FORMATS)})")
     else:
-        rows = _read_hub(source, split)
+        rows = _read_hub(source, split, data_dir)
     if not rows:
         raise DataError(f"{name}: no rows")
     return rows
 
 
-def label(source, split):
-    """How messages name the source: the file name, or "name[split]" for a hub data set."""
+def label(source, split, data_dir=None):
+    """How messages name the source: the file name, or "name[split]" ("name/data_dir[split]") for a
+    hub data set."""
     path = Path(source)
-    return path.name if path.suffix in FILE_FORMATS else f"{source}[{split}]"
+    if path.suffix in FILE_FORMATS:
+        return path.name
+    return f"{source}/{data_dir}[{split}]" if data_dir else f"{source}[{split}]"
 
 
 def _read_bytes(path):
@@ -101,14 +106,15 @@ def _read_parquet(path):
     return [(f"{path.name}:row {i}", row) for i, row in enumerate(data)]
 
 
-def _read_hub(name, split):
+def _read_hub(name, split, data_dir=None):
     import datasets
 
+    where = label(name, split, data_dir)
     try:
-        data = datasets.load_dataset(name, split=split)
+        data = datasets.load_dataset(name, data_dir=data_dir, split=split)
     except Exception as e:  # the library raises many kinds; the user needs only its first line
-        raise DataError(f"{name}: cannot load data set split {split!r} ({_first_line(e)})") from None
-    where = label(name, split)
+        folder = f" in {data_dir!r}" if data_dir else ""
+        raise DataError(f"{name}: cannot load data set split {split!r}{folder} ({_first_line(e)})") from None
     return [(f"{where}:row {i}", row) for i, row in enumerate(data)]
 
 

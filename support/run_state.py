@@ -41,7 +41,8 @@ def save_checkpoint(out_dir, adapter, optimizer, scheduler, progress, args, worl
             **{k: getattr(args, k) for k in
                ("alpha0", "alpha_tilde", "gamma", "beta", "nll", "unlikelihood", "cutoff", "max_prompt", "lr",
                 "epochs", "batch_size", "grad_accum", "seed", "head_width", "head_layers", "head_heads", "lora_rank",
-                "lora_modules", "data", "test_data", "split", "test_fraction", "split_seed", "train_limit", "eval_limit")}, **progress}
+                "lora_modules", "data", "test_data", "split", "data_dir", "test_fraction", "split_seed", "train_limit",
+                "eval_limit")}, **progress}
     trainer_state = io.BytesIO()  # through memory: torch.save straight to a full disk says only "unexpected pos"
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), **progress}, trainer_state)

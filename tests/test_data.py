@@ -99,7 +99,8 @@ def test_blank_lines_are_ignored(tmp_path):
 
 SKIPPED = {
     "missing field": {"chosen": [user("Hi?"), assistant("Hello!")]},
-    "wrong type": {"chosen": "Hello!", "rejected": "Go away."},  # no prompt: must be message lists
+    "wrong type": {"chosen": "Hello!", "rejected": [user("Hi?"), assistant("Go away.")]},  # no prompt: two lists
+    "not a transcript": {"chosen": "Hello!", "rejected": "Go away."},  # no prompt, two strings: transcripts
     "empty response": {"prompt": "Hi?", "chosen": "  ", "rejected": "Go away."},
     "chosen == rejected": {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Hello! "},
     "prompts differ": {"chosen": [user("Hi?"), assistant("Hello!")], "rejected": [user("Yo?"), assistant("No.")]},
@@ -132,8 +133,152 @@ def test_skips_are_counted_in_the_summary(tmp_path, capsys):
     pairs = data.load_pairs(write_jsonl(tmp_path / "mixed.jsonl", rows))
     assert len(pairs) == 1 and pairs[0].where == "mixed.jsonl:1"
     assert capsys.readouterr().out == (
-        "mixed.jsonl: 9 rows, 1 pairs kept, skipped: chosen == rejected 2, missing field 1, wrong type 1, "
-        "empty response 1, prompts differ 1, bad roles 1, empty message 1\n")
+        "mixed.jsonl: 10 rows, 1 pairs kept, skipped: chosen == rejected 2, missing field 1, wrong type 1, "
+        "not a transcript 1, empty response 1, prompts differ 1, bad roles 1, empty message 1\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# transcripts, as Anthropic/hh-rlhf publishes them
+
+
+def transcript(*turns):
+    r"""The transcript "\n\nHuman: t0\n\nAssistant: t1\n\nHuman: t2..." of turns t0, t1, t2, ..."""
+    return "".join(f"\n\n{('Human', 'Assistant')[i % 2]}: {text}" for i, text in enumerate(turns))
+
+
+def hh_row(*turns, chosen, rejected):
+    return {"chosen": transcript(*turns, chosen), "rejected": transcript(*turns, rejected)}
+
+
+def test_transcript_single_turn():
+    row = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}
+    assert data.to_pair(row) == ([user("Hi?")], "Hello!", "Go away.")
+
+
+def test_transcript_multi_turn_keeps_the_earlier_turns_in_the_prompt():
+    row = hh_row("Hi?", "Hello!", "How are you?", chosen="Well.", rejected="Bad.")
+    assert data.to_pair(row) == ([user("Hi?"), assistant("Hello!"), user("How are you?")], "Well.", "Bad.")
+
+
+def test_transcript_turns_start_only_at_a_paragraph():
+    r"""Text such as "Human:" and "Assistant:" inside a turn stays text; each turn is stripped; the
+    first turn may come without its "\n\n"."""
+    question = 'He wrote "Human: hi" and then\nAssistant: hello\n\nso what is Human:?'
+    row = {"chosen": f"Human: {question}\n\nAssistant:  Nothing. \n",
+           "rejected": f"\n\nHuman:   {question}  \n\nAssistant: No idea."}
+    assert data.to_pair(row) == ([user(question)], "Nothing.", "No idea.")
+    assert data.transcript_messages(transcript("a", "b\n\nHuman:c")) == [user("a"), assistant("b\n\nHuman:c")]
+
+
+TRANSCRIPT_SKIPS = [
+    ("not a transcript", {"chosen": "Hello!", "rejected": "Go away."}),
+    ("not a transcript", {"chosen": "Intro" + transcript("Hi?", "A"), "rejected": "Intro" + transcript("Hi?", "B")}),
+    ("empty message", hh_row("", chosen="A", rejected="B")),
+    ("empty message", hh_row("Hi?", "", "More?", chosen="A", rejected="B")),
+    ("empty response", {"chosen": transcript("Hi?", "A"), "rejected": transcript("Hi?") + "\n\nAssistant:"}),
+    ("bad roles", hh_row("Hi?", "A", chosen="B", rejected="C")),                 # two Assistant turns last
+    ("bad roles", {"chosen": "\n\nHuman: Hi?\n\nHuman: Again?\n\nAssistant: A",  # two Human turns
+                   "rejected": "\n\nHuman: Hi?\n\nHuman: Again?\n\nAssistant: B"}),
+    ("bad roles", {"chosen": transcript("Hi?", "A", "More?"),                      # ends with a Human turn
+                   "rejected": transcript("Hi?", "A", "Less?")}),
+    ("bad roles", {"chosen": "\n\nAssistant: Hi.\n\nHuman: Q?\n\nAssistant: A",   # starts with Assistant
+                   "rejected": "\n\nAssistant: Hi.\n\nHuman: Q?\n\nAssistant: B"}),
+    ("prompts differ", {"chosen": transcript("Hi?", "A", "Q?", "X"), "rejected": transcript("Hi?", "B", "Q?", "Y")}),
+    ("chosen == rejected", hh_row("Hi?", chosen="Same.", rejected=" Same."))
+]
+
+
+@pytest.mark.parametrize("reason, row", TRANSCRIPT_SKIPS)
+def test_transcript_skip_reason(reason, row):
+    with pytest.raises(data.Skip) as skip:
+        data.to_pair(row)
+    assert skip.value.reason == reason
+
+
+def test_transcript_rows_in_a_file(tmp_path, capsys):
+    rows = [hh_row("Hi?", chosen="Hello!", rejected="Go away."),
+            hh_row("Hi?", "Hello!", "How are you?", chosen="Well.", rejected="Bad.")]
+    rows += [row for _, row in TRANSCRIPT_SKIPS]
+    pairs = data.load_pairs(write_jsonl(tmp_path / "hh.jsonl", rows))
+    assert [(p.where, p.chosen) for p in pairs] == [("hh.jsonl:1", "Hello!"), ("hh.jsonl:2", "Well.")]
+    assert capsys.readouterr().out == (
+        "hh.jsonl: 13 rows, 2 pairs kept, skipped: bad roles 4, not a transcript 2, empty message 2, "
+        "empty response 1, prompts differ 1, chosen == rejected 1\n")
+
+
+REAL_HH = Path(__file__).parents[1] / "../shared/data/hh-rlhf/harmless_test.jsonl"
+
+
+def test_real_hh_file_read_back_from_transcripts(tmp_path, capsys):
+    """The local HH-RLHF file (converted to messages) written back as the hub's transcripts gives
+    the same pairs, and its bad rows the same reasons."""
+    if not REAL_HH.exists():
+        pytest.skip("../shared/data not present")
+    messages = data.load_pairs(str(REAL_HH))
+    as_messages = capsys.readouterr().out
+    rows = [json.loads(line) for line in REAL_HH.read_text().splitlines()]
+    hh = [{side: "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in row[side])
+           for side in ("chosen", "rejected")} for row in rows]  # roles as they are, broken alternation too
+    transcripts = data.load_pairs(write_jsonl(tmp_path / "harmless_test.jsonl", hh))
+    assert transcripts == messages
+    assert capsys.readouterr().out == as_messages == (
+        "harmless_test.jsonl: 2312 rows, 2299 pairs kept, skipped: prompts differ 5, empty response 4, bad roles 4\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# hub data sets: --split and --data-dir reach datasets.load_dataset
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """datasets.load_dataset replaced by one that records its calls and returns two HH rows."""
+    import datasets
+    calls = []
+
+    def load_dataset(name, **kwargs):
+        calls.append((name, kwargs))
+        return [hh_row("Hi?", chosen="Hello!", rejected="Go away."), hh_row("Yo?", chosen="Hey.", rejected="No.")]
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_read_hub_passes_data_dir(fake_hub, capsys):
+    pairs = data.load_pairs("Anthropic/hh-rlhf", "test", data_dir="harmless-base")
+    assert fake_hub == [("Anthropic/hh-rlhf", {"data_dir": "harmless-base", "split": "test"})]
+    assert [p.where for p in pairs] == ["Anthropic/hh-rlhf/harmless-base[test]:row 0",
+                                        "Anthropic/hh-rlhf/harmless-base[test]:row 1"]
+    assert capsys.readouterr().out == "Anthropic/hh-rlhf/harmless-base[test]: 2 rows, 2 pairs kept\n"
+    data.read_rows("Anthropic/hh-rlhf")
+    assert fake_hub[-1] == ("Anthropic/hh-rlhf", {"data_dir": None, "split": "train"})
+
+
+def test_data_dir_is_ignored_for_a_local_file(fake_hub, tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [IMPLICIT])
+    assert data.load_pairs(path, "test", data_dir="harmless-base") == data.load_pairs(path)
+    assert fake_hub == []
+
+
+def test_train_py_flags_reach_the_hub(fake_hub, tok):
+    import train
+    args = train.parse_args(["--data", "Anthropic/hh-rlhf", "--data-dir", "harmless-base", "--split", "test",
+                             "--test-data", "Anthropic/hh-rlhf", "--cutoff", "64"])
+    train_set, test_set, _ = data.train_and_test_sets(args, tok)
+    assert fake_hub == [("Anthropic/hh-rlhf", {"data_dir": "harmless-base", "split": "test"})] * 2
+    assert len(train_set) == len(test_set) == 2
+    config = {"data": "Anthropic/hh-rlhf", "data_dir": "harmless-base", "split": "test", "test_fraction": 0.5}
+    assert len(data.held_out_of(config)) == 1 and fake_hub[-1][1]["data_dir"] == "harmless-base"
+
+
+def test_hub_error_names_the_folder(monkeypatch):
+    import datasets
+
+    def load_dataset(name, **kwargs):
+        raise FileNotFoundError(f"Couldn't find any data file at {kwargs['data_dir']}.\nMore lines.")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError) as error:
+        data.load_pairs("Anthropic/hh-rlhf", data_dir="harmless-bsae")
+    assert str(error.value) == ("Anthropic/hh-rlhf: cannot load data set split 'train' in 'harmless-bsae' "
+                                "(Couldn't find any data file at harmless-bsae.)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -120,3 +120,26 @@ def test_kept_frozen_outputs_give_what_recomputing_gives(tiny_path, separable, t
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert abs(runs["kept"]["eval/rewards/margins"] - runs["recomputed"]["eval/rewards/margins"]) < 1e-3
+
+
+def test_train_script_reads_hh_rlhf_transcripts(tiny_path, tmp_path):
+    """Rows as Anthropic/hh-rlhf publishes them ({"chosen": str, "rejected": str}, whole transcripts),
+    from a local file: the script reads them, counts the rows it cannot use, and trains a step."""
+    def as_transcript(messages):
+        return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+    rows = [{side: as_transcript(row[side]) for side in ("chosen", "rejected")} for row in separable_pairs(12)]
+    rows += [{"chosen": "\n\nHuman: Hi?\n\nHuman: Hi?\n\nAssistant: A",   # two Human turns: bad roles
+              "rejected": "\n\nHuman: Hi?\n\nHuman: Hi?\n\nAssistant: B"},
+             {"chosen": "\n\nHuman: Hi?\n\nAssistant:", "rejected": "\n\nHuman: Hi?\n\nAssistant: B"}]  # empty
+    hh = write_jsonl(tmp_path / "hh.jsonl", rows)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *common_args(tiny_path, (hh, ""), out),
+           "--data-dir", "harmless-base", "--max-steps", "1", "--samples", "0"]  # --data-dir: ignored, recorded
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "hh.jsonl: 14 rows, 12 pairs kept, skipped: bad roles 1, empty response 1\n" in done.stdout
+    assert "10 training pairs, 2 test pairs" in done.stdout  # split by prompt, --test-fraction 0.2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert config["data_dir"] == "harmless-base"
