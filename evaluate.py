@@ -551,7 +551,7 @@ def plot_tradeoff(results, path, preference_key):
         for name, r in results.items():
             if r.get(key) is None or r.get(preference_key) is None:
                 continue
-            dial = ("α0", r["alpha0"]) if r.get("alpha0") is not None else ("s", r.get("lora_scale") or 0)
+            dial = ("α0", r["alpha0"]) if r.get("alpha0") is not None else ("s", r.get("lora_scale", 1.0))
             groups.setdefault((r["kind"], r.get("run")), []).append(
                 (dial, r[key], r[preference_key], name,
                  r.get(f"{key}_std", 0.0), r.get(f"{preference_key}_std", 0.0)))  # spread over seeds (--combine)
@@ -723,7 +723,7 @@ def combine(paths):
             key = re.sub(r"-s\d+$", "", name.split(" ")[0])
             if row.get("alpha0") is not None:
                 key += f" α0={row['alpha0']:g}"
-            elif row.get("lora_scale") is not None:
+            elif row.get("lora_scale", 1.0) != 1.0:  # s = 1 is the trained policy, a run without --lora-scale
                 key += f" s={row['lora_scale']:g}"
             groups.setdefault(key, []).append(row)
     combined = {}

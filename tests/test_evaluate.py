@@ -345,12 +345,14 @@ def test_combine_groups_seeds_into_mean_and_std(tmp_path):
                                        "adherence": adherence, "kl": kl, "arc_easy_local/acc": 0.5, "n": 32},
                 f"dpo-s{seed}": {"kind": "dpo", "run": f"runs/dpo-s{seed}", "adherence": adherence / 2, "kl": 2 * kl},
                 f"dpo-s{seed} s=0.5": {"kind": "dpo", "run": f"runs/dpo-s{seed}", "lora_scale": 0.5, "kl": kl}}
+        if seed == 0:  # a --lora-scale sweep's s = 1 is the trained policy: one group with the other seeds' plain row
+            rows[f"dpo-s{seed} s=1"] = {**rows.pop(f"dpo-s{seed}"), "lora_scale": 1.0}
         path = tmp_path / f"s{seed}.json"
         path.write_text(json.dumps({"settings": {"seed": seed}, "results": rows}))
         return str(path)
     files = [out(0, 0.4, 0.1), out(1, 0.6, 0.3), out(2, 0.8, 0.2)]
     combined = E.combine(files)
-    assert list(combined) == ["frozen", "qa α0=0.1", "dpo", "dpo s=0.5"]
+    assert list(combined) == ["frozen", "qa α0=0.1", "dpo s=0.5", "dpo"]
     assert combined["dpo s=0.5"]["kl"] == pytest.approx(0.2) and combined["dpo s=0.5"]["lora_scale"] == 0.5
     assert combined["dpo s=0.5"]["run"] == combined["dpo"]["run"] == "dpo"  # one line in the plot
     qa = combined["qa α0=0.1"]
