@@ -362,7 +362,19 @@ def pairwise(policy, tokenizer, pairs, cutoff, batch_size):
         result[name] = {"pairwise_accuracy": float(implicit["rewards/accuracies"]),
                         "margin": float(implicit["rewards/margins"]),
                         "likelihood_accuracy": float(likelihood["rewards/accuracies"]), "pairs": n}
+    if "frozen" in result:  # a yardstick of the data, on the frozen row: the longer response wins (ties half)
+        result["frozen"]["longer_wins_accuracy"] = longer_wins(examples)
     return result
+
+
+def longer_wins(examples):
+    """The share of pairs whose chosen response has more tokens than the rejected one, ties counted
+    half: what ranking by length alone scores (train.py's summary has the same figure)."""
+    def length(labels):
+        return sum(label != IGNORE for label in labels)
+    wins = [1.0 if length(e["chosen_labels"]) > length(e["rejected_labels"]) else
+            0.5 if length(e["chosen_labels"]) == length(e["rejected_labels"]) else 0.0 for e in examples]
+    return sum(wins) / max(len(wins), 1)
 
 
 def kl_to_frozen(policy, tokenizer, pairs, cutoff, batch_size):
@@ -497,7 +509,7 @@ def task_metrics(out, names):
 # output: JSON, Markdown, picture
 
 BEFORE = [("pairwise_accuracy", "pairwise acc", "{:.3f}"), ("margin", "margin", "{:.2f}"),
-          ("likelihood_accuracy", "π(y_w)>π(y_l)", "{:.3f}"),
+          ("likelihood_accuracy", "π(y_w)>π(y_l)", "{:.3f}"), ("longer_wins_accuracy", "longer wins", "{:.3f}"),
           ("adherence", "adherence", "{:.3f}"), ("mean_prob", "style prob", "{:.3f}"),
           ("degenerate", "degenerate", "{:.3f}")]
 AFTER = [("kl", "KL(pi‖pi1)/token", "{:.4f}"), ("s_per_pair", "train s/pair", "{:.2f}")]

@@ -171,6 +171,11 @@ def test_end_to_end_over_both_kinds_of_checkpoint(tokenizer, tiny_path, files, t
     assert results["frozen"]["kl"] == 0.0 and results["frozen"]["kind"] == "frozen"
     assert results["qa α0=1"]["kl"] > results["qa α0=4"]["kl"] > 0  # a larger α0 keeps closer to pi1
     assert results["qa α0=1"]["s_per_pair"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+    pairs = E.held_out_pairs(files["pairs"], {}, 3)  # the length yardstick, counted by hand
+    lengths = [(len(tokenizer(p.chosen)["input_ids"]), len(tokenizer(p.rejected)["input_ids"])) for p in pairs]
+    assert results["frozen"]["longer_wins_accuracy"] == pytest.approx(
+        sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in lengths) / 3)
+    assert "longer_wins_accuracy" not in results["sft"]
     for name, r in results.items():
         for key in ("pairwise_accuracy", "margin", "likelihood_accuracy", "arc_easy_local/acc", "arc_easy_local/acc_norm",
                     "arc_easy_local/acc_stderr", "mmlu_local/acc", "kl", "adherence", "degenerate"):
