@@ -68,6 +68,14 @@ def reward_metrics(chosen, rejected):
             "rewards/margins": margins.mean(), "rewards/accuracies": (margins > 0).float().mean()}
 
 
+def longer_wins(len_chosen, len_rejected):
+    """len_chosen, len_rejected: (B,) response lengths in tokens. The share of pairs whose chosen
+    response is the longer one, ties counted half: what ranking by length alone scores, the yardstick
+    a learned preference has to beat (train.py's summary, evaluate.py's frozen row)."""
+    len_chosen, len_rejected = torch.as_tensor(len_chosen), torch.as_tensor(len_rejected)
+    return ((len_chosen > len_rejected).float() + 0.5 * (len_chosen == len_rejected).float()).mean()
+
+
 def chosen_nll(logp_sa, labels):
     """logp_sa: (2B, T-1) log pi~(a_t|s_t) (residual_q.action_logprob); labels: (2B, T).
     −(Σ log pi~ over the chosen responses' tokens) / (number of those tokens), the first B rows."""

@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 import data
 import model as M
-from bt_loss import reward_metrics
+from bt_loss import longer_wins, reward_metrics
 from residual_q import (IGNORE, customised_logprobs, derived_reward, gather_actions, kl_divergence, next_tokens,
                         response_return, scored_states, soft_value)
 from support import cli, data_files, loading
@@ -363,18 +363,11 @@ def pairwise(policy, tokenizer, pairs, cutoff, batch_size):
                         "margin": float(implicit["rewards/margins"]),
                         "likelihood_accuracy": float(likelihood["rewards/accuracies"]), "pairs": n}
     if "frozen" in result:  # a yardstick of the data, on the frozen row: the longer response wins (ties half)
-        result["frozen"]["longer_wins_accuracy"] = longer_wins(examples)
+        def length(labels):  # response tokens
+            return sum(label != IGNORE for label in labels)
+        result["frozen"]["longer_wins_accuracy"] = float(longer_wins([length(e["chosen_labels"]) for e in examples],
+                                                                     [length(e["rejected_labels"]) for e in examples]))
     return result
-
-
-def longer_wins(examples):
-    """The share of pairs whose chosen response has more tokens than the rejected one, ties counted
-    half: what ranking by length alone scores (train.py's summary has the same figure)."""
-    def length(labels):
-        return sum(label != IGNORE for label in labels)
-    wins = [1.0 if length(e["chosen_labels"]) > length(e["rejected_labels"]) else
-            0.5 if length(e["chosen_labels"]) == length(e["rejected_labels"]) else 0.0 for e in examples]
-    return sum(wins) / max(len(wins), 1)
 
 
 def kl_to_frozen(policy, tokenizer, pairs, cutoff, batch_size):

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import data
 import model as M
-from bt_loss import q_adapter_loss
+from bt_loss import longer_wins, q_adapter_loss
 from residual_q import customised_logprobs, gather_actions, kl_divergence, next_tokens, soft_value
 from sample import generate
 from support import cli, distributed, fused_path, loading, run_state
@@ -270,8 +270,7 @@ def evaluate(adapter, test_set, cache, args, device, collate):
         frozen_chosen, frozen_rejected = s.logp1_sa.sum(-1).chunk(2)  # log pi1(y|x) of each response
         len_chosen, len_rejected = mask.sum(-1).chunk(2)
         metrics["frozen_logp_accuracy"] = (frozen_chosen > frozen_rejected).float().mean()
-        metrics["longer_wins_accuracy"] = ((len_chosen > len_rejected).float()
-                                           + 0.5 * (len_chosen == len_rejected).float()).mean()
+        metrics["longer_wins_accuracy"] = longer_wins(len_chosen, len_rejected)
         for k, value in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(value) * len(idx)
         n_pairs += len(idx)

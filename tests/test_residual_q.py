@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import residual_q as rq
-from bt_loss import chosen_nll, earlier_tokens, q_adapter_loss, repetition_unlikelihood
+from bt_loss import chosen_nll, earlier_tokens, longer_wins, q_adapter_loss, repetition_unlikelihood
 
 IGNORE = rq.IGNORE
 
@@ -117,6 +117,12 @@ def test_chosen_nll_by_hand():
     labels = torch.tensor([[IGNORE, 1, 1], [IGNORE, 1, IGNORE], [IGNORE, 1, IGNORE], [IGNORE, 1, 1]])
     logp = torch.tensor([[-1.0, -2.0], [-3.0, -99.0], [-50.0, -99.0], [-50.0, -50.0]])
     torch.testing.assert_close(chosen_nll(logp, labels), torch.tensor((1.0 + 2.0 + 3.0) / 3))
+
+
+def test_longer_wins_by_hand():
+    """Pairs (5, 3) chosen longer, (2, 4) shorter, (3, 3) a tie: 1 + 0 + 0.5 of 3."""
+    assert float(longer_wins(torch.tensor([5, 2, 3]), torch.tensor([3, 4, 3]))) == 0.5
+    assert float(longer_wins([7, 1], [6, 1])) == 0.75  # lists too (evaluate.py counts tokens in Python)
 
 
 def test_earlier_tokens_by_hand():
