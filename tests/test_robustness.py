@@ -330,9 +330,17 @@ def long_run(tiny_path, tmp_path_factory):
     return argv, d / "full"
 
 
+def default_signals():
+    """In the child before train.py starts: SIGINT and SIGHUP as in a terminal. A child inherits an
+    ignored signal, and train.py rightly keeps it ignored (run_state.StopSignals), so under `nohup`
+    or a script's `cmd &` these tests would send signals the run was told to ignore."""
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def start(argv):
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=default_signals)
 
 
 def wait_for(condition, proc, timeout=120):
@@ -389,7 +397,7 @@ def test_a_dropped_ssh_session_saves_and_exits(long_run, tmp_path):
     run = tmp_path / "run"
     master, terminal = pty.openpty()
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv(run)], stdin=subprocess.DEVNULL,
-                            stdout=terminal, stderr=terminal, cwd=ROOT)
+                            stdout=terminal, stderr=terminal, cwd=ROOT, preexec_fn=default_signals)
     os.close(terminal)
     os.set_blocking(master, False)
 
