@@ -321,7 +321,7 @@ def test_real_script_exit_codes(tiny_path, tmp_path):
 @pytest.fixture(scope="module")
 def long_run(tiny_path, tmp_path_factory):
     """Data for a run of 60 small steps (batch 2, 6 epochs) and the uninterrupted run's result: long
-    enough that a signal sent after step 3 arrives before the end on a loaded machine."""
+    enough that a signal sent after step 3 arrives well before the end, even on a busy machine."""
     d = tmp_path_factory.mktemp("long")
     data = write_jsonl(d / "pairs.jsonl", separable_pairs(24))
     argv = lambda out, *extra: tiny_args(tiny_path, data, out, "--batch-size", "2", "--epochs", "6",  # noqa: E731
