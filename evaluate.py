@@ -363,11 +363,15 @@ def pairwise(policy, tokenizer, pairs, cutoff, batch_size):
                         "margin": float(implicit["rewards/margins"]),
                         "likelihood_accuracy": float(likelihood["rewards/accuracies"]), "pairs": n}
     if "frozen" in result:  # a yardstick of the data, on the frozen row: the longer response wins (ties half)
-        def length(labels):  # response tokens
-            return sum(label != IGNORE for label in labels)
-        result["frozen"]["longer_wins_accuracy"] = float(longer_wins([length(e["chosen_labels"]) for e in examples],
-                                                                     [length(e["rejected_labels"]) for e in examples]))
+        result["frozen"]["longer_wins_accuracy"] = float(longer_wins(
+            [response_length(e["chosen_labels"]) for e in examples],
+            [response_length(e["rejected_labels"]) for e in examples]))
     return result
+
+
+def response_length(labels):
+    """Response tokens of one tokenized answer (its labels not IGNORE)."""
+    return sum(label != IGNORE for label in labels)
 
 
 def kl_to_frozen(policy, tokenizer, pairs, cutoff, batch_size):
