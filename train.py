@@ -75,6 +75,13 @@ DEFAULT_LR = {"small": 2e-4, "lora": 1e-4}
 def build_parser(description=__doc__):
     """The flags of train.py, the ones a first run needs first; baselines.py adds its own to the same parser."""
     ap = cli.Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add_flags in (_method_flags, _data_flags, _optimisation_flags, _run_flags, _extra_terms_flags,
+                      _head_shape_flags, _more_data_flags, _devices_flags):
+        add_flags(ap)
+    return ap
+
+
+def _method_flags(ap):
     a = ap.add_argument_group("the method (residual Q-learning, the paper's loss)")
     a.add_argument("--base-model", default=loading.EMBEDDED,
                    help=f"frozen model pi1: a Hugging Face hub name or local path ({loading.EMBEDDED}: the embedded default)")
@@ -92,6 +99,9 @@ def build_parser(description=__doc__):
     a.add_argument("--gamma", type=float, default=1.0, help="γ, discount in r2 = Q_R − γ·V(s')")
     a.add_argument("--beta", type=float, default=0.1,
                    help="β, weight of the mean r2² regulariser (0: off; the official code uses 0.1)")
+
+
+def _data_flags(ap):
     a = ap.add_argument_group("data")
     a.add_argument("--data", default=str(HERE / "demo" / "child_train.jsonl"),
                    help="preference pairs: .jsonl/.json/.parquet file or a hub data set name")
@@ -100,6 +110,9 @@ def build_parser(description=__doc__):
     a.add_argument("--cutoff", type=int, default=256,
                    help="tokens per sequence at most (prompt + response); a response cut there ends where it is cut")
     a.add_argument("--max-prompt", type=int, default=None, help="prompt tokens kept at most, its end (default cutoff/2)")
+
+
+def _optimisation_flags(ap):
     a = ap.add_argument_group("optimisation")
     a.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (AdamW), linear warm-up then cosine; default {DEFAULT_LR['small']:g}, "
@@ -111,6 +124,9 @@ def build_parser(description=__doc__):
     a.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
     a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+
+
+def _run_flags(ap):
     a = ap.add_argument_group("run")
     a.add_argument("--out-dir", default="runs/demo", help="metrics, summary and checkpoint go here")
     a.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint")
@@ -123,6 +139,9 @@ def build_parser(description=__doc__):
                    help="stop (with a checkpoint) after this many steps, schedule unchanged; --resume continues")
     a.add_argument("--samples", type=int, default=3, help="test prompts answered before and after training")
     a.add_argument("--max-new-tokens", type=int, default=96, help="tokens per shown sample at most")
+
+
+def _extra_terms_flags(ap):
     a = ap.add_argument_group("beyond the paper: extra loss terms, off by default (bt_loss.py)")
     a.add_argument("--nll", type=float, default=0.0,
                    help="weight of −mean_t log pi~(a_t|s_t) over the chosen answers' tokens, so that pi~ learns to "
@@ -132,6 +151,9 @@ def build_parser(description=__doc__):
                    help="weight of token-level unlikelihood against loops (Welleck et al. 2019) on the chosen "
                         "answers: −Σ log(1 − pi~(c|s_t)) over every token c the answer used before t other than a_t. "
                         "0: the paper's loss")
+
+
+def _head_shape_flags(ap):
     a = ap.add_argument_group("the head's shape, and stacking on trained heads")
     a.add_argument("--head-width", type=int, default=256, help="--q-head small: width of its transformer")
     a.add_argument("--head-layers", type=int, default=2, help="--q-head small: layers of its transformer")
@@ -144,6 +166,9 @@ def build_parser(description=__doc__):
                    help="customise the customised policy of this trained head (stacking): it stays frozen "
                         "and only the new head trains; the heads it was itself stacked on come along "
                         "(repeatable, bottom up, to name them explicitly)")
+
+
+def _more_data_flags(ap):
     a = ap.add_argument_group("more data options")
     a.add_argument("--split", default="train", help="split of a hub data set")
     a.add_argument("--data-dir", default=None,
@@ -155,6 +180,9 @@ def build_parser(description=__doc__):
                         "scored on the same held-out prompts")
     a.add_argument("--train-limit", type=int, default=0, help="train on the first N training pairs (0: all)")
     a.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test pairs (0: all)")
+
+
+def _devices_flags(ap):
     a = ap.add_argument_group("speed, memory and devices")
     a.add_argument("--path", default="fused", choices=["fused", "plain"],
                    help="how Q_R and log pi1 reach the loss: plain builds them over the whole vocabulary and "
@@ -172,7 +200,6 @@ def build_parser(description=__doc__):
                    help="spread a frozen model too large for one GPU over all visible GPUs ('auto', via "
                         "accelerate); the head goes where the output layer is")
     a.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code (opt-in)")
-    return ap
 
 
 def parse_args(argv=None, parser=None):
