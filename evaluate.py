@@ -579,8 +579,9 @@ def plot_tradeoff(results, path, preference_key):
                 ax.errorbar(xs, ys, xerr=[p[4] for p in points], yerr=[p[5] for p in points], fmt="none",
                             ecolor=color, alpha=0.5, capsize=3)
             if len(points) > 1:
-                for (dial, value), x, y, *_ in points:
-                    ax.annotate(f"{dial}={value:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                for (dial, value), x, y, *_ in points:  # α0 labels above their points, s labels below
+                    ax.annotate(f"{dial}={value:g}", (x, y), textcoords="offset points", fontsize=8,
+                                xytext=(4, 4) if dial == "α0" else (4, -11))
         ax.set_xlabel({"kl": "KL(π‖π1) per token (lower: closer to frozen)"}.get(key, f"{key} under the policy"))
         if key == "kl":  # from 1e-4 to 1: logarithmic past 1e-3, linear below it (the frozen model is at 0)
             ax.set_xscale("symlog", linthresh=1e-3)
