@@ -564,7 +564,7 @@ def plot_tradeoff(results, path, preference_key):
             groups.setdefault((r["kind"], r.get("run")), []).append(
                 (dial, r[key], r[preference_key], name,
                  r.get(f"{key}_std", 0.0), r.get(f"{preference_key}_std", 0.0)))  # spread over seeds (--combine)
-        runs_of_kind = {}
+        runs_of_kind, labelled = {}, set()
         for (kind, run), points in groups.items():
             points.sort()
             marker, colors = styles.get(kind, ("x", ["gray"]))
@@ -580,6 +580,10 @@ def plot_tradeoff(results, path, preference_key):
                             ecolor=color, alpha=0.5, capsize=3)
             if len(points) > 1:
                 for (dial, value), x, y, *_ in points:  # α0 labels above their points, s labels below
+                    spot = (f"{dial}={value:g}", f"{x:.1g}", f"{y:.2f}")  # one label where two runs' points meet
+                    if spot in labelled:
+                        continue
+                    labelled.add(spot)
                     ax.annotate(f"{dial}={value:g}", (x, y), textcoords="offset points", fontsize=8,
                                 xytext=(4, 4) if dial == "α0" else (4, -11))
         ax.set_xlabel({"kl": "KL(π‖π1) per token (lower: closer to frozen)"}.get(key, f"{key} under the policy"))
